@@ -1,0 +1,110 @@
+"""One cell of the sweep: load a model, apply one method, measure it, run one task."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantarena import measure, models
+from quantarena.config import MethodChoice, TaskChoice
+from quantarena.errors import QuantarenaError
+from quantarena.methods import METHODS
+from quantarena.models import ResolvedModel
+from quantarena.results import CellResult
+from quantarena.tasks import TASKS, EvalContext
+from quantarena.tasks.base import ModelKind
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: ResolvedModel
+    kind: ModelKind
+    method: MethodChoice
+    task: TaskChoice
+    device: str
+    batch_size: int
+    seed: int
+    data_dir: Path
+    scratch_dir: Path
+
+    def result(self, status: str, reason: str | None = None, **fields) -> CellResult:
+        task = TASKS.get(self.task.name)
+        return CellResult(
+            model=self.model.name,
+            method=self.method.label,
+            task=self.task.label,
+            status=status,
+            reason=reason,
+            method_name=self.method.name,
+            task_name=self.task.name,
+            method_config=self.method.config.model_dump(mode="json"),
+            task_config=self.task.config.model_dump(mode="json"),
+            quality_metric=task.quality_metric,
+            higher_is_better=task.higher_is_better,
+            latency_metric=task.latency_metric,
+            device=self.device,
+            **fields,
+        )
+
+
+def _disk_bytes(save: Callable, model: torch.nn.Module, scratch_dir: Path) -> tuple[int, float]:
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch_dir) as tmp, measure.timed() as watch:
+        save(model, Path(tmp) / "model")
+        nbytes = measure.dir_bytes(Path(tmp))
+    return nbytes, watch.seconds
+
+
+def run_cell(cell: Cell, progress: Callable[[int, int], None] | None = None) -> CellResult:
+    """Never raises for a problem of the cell itself: it comes back as a skipped or failed result."""
+    started = time.perf_counter()
+    method = METHODS.get(cell.method.name)
+    unmet = method.requires.unmet(cell.device)
+    if unmet:
+        return cell.result("skipped", unmet)
+    try:
+        device = torch.device(cell.device)
+        task = TASKS.get(cell.task.name)(cell.task.config, cell.data_dir)
+        data = task.load()
+        with measure.timed() as load:
+            model, tokenizer = models.load(cell.model, cell.kind, cell.seed)
+        model.to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad(), measure.timed(device) as quantize:
+            model = method.apply(model, cell.method.config)
+        disk_bytes, save_s = _disk_bytes(method.save, model, cell.scratch_dir)
+        torch.manual_seed(cell.seed)
+        ctx = EvalContext(model, tokenizer, device, cell.batch_size, cell.seed, progress or (lambda d, t: None))
+        output = task.evaluate(ctx, data)
+    except QuantarenaError as e:
+        return cell.result("failed", str(e), duration_s=time.perf_counter() - started)
+    except Exception as e:
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        reason = f"{type(e).__name__}: {first_line} ({Path(where.filename).name}:{where.lineno})"
+        return cell.result("failed", reason, duration_s=time.perf_counter() - started)
+
+    measurements = {
+        "weight_bytes": measure.weight_bytes(model),
+        "disk_bytes": disk_bytes,
+        "load_s": load.seconds,
+        "quantize_s": quantize.seconds,
+        "save_s": save_s,
+        "peak_rss_bytes": measure.peak_rss_bytes(),
+    }
+    if device.type == "cuda":
+        measurements["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return cell.result(
+        "ok",
+        metrics=output.metrics,
+        measurements=measurements,
+        per_example=output.per_example,
+        duration_s=time.perf_counter() - started,
+    )

@@ -1,0 +1,165 @@
+"""The sweep config: the only place where TOML values and CLI strings become typed objects."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, PositiveInt, SerializeAsAny, ValidationError, model_validator
+
+from quantarena.errors import ConfigError
+from quantarena.methods import METHODS, MethodConfig
+from quantarena.tasks import TASKS, TaskConfig
+from quantarena.tasks.base import ModelKind
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class ModelSpec(_Strict):
+    source: str
+    name: str | None = None
+    gguf_file: str | None = None
+    kind: ModelKind | None = None
+    num_labels: PositiveInt | None = None
+    trust_remote_code: bool = False
+
+
+class MethodChoice(_Strict):
+    name: str
+    label: str
+    config: SerializeAsAny[MethodConfig]
+
+
+class TaskChoice(_Strict):
+    name: str
+    label: str
+    config: SerializeAsAny[TaskConfig]
+
+
+class SweepConfig(_Strict):
+    models: tuple[ModelSpec, ...]
+    methods: tuple[MethodChoice, ...]
+    tasks: tuple[TaskChoice, ...]
+    baseline: str
+    device: Literal["cpu", "cuda"] = "cpu"
+    batch_size: PositiveInt = 8
+    output_dir: Path = Path("runs/latest")
+    seed: int = 0
+    data_dir: Path | None = None
+    isolation: Literal["process", "none"] = "process"
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        for what, entries in (("method", self.methods), ("task", self.tasks)):
+            labels = [e.label for e in entries]
+            dupes = sorted({x for x in labels if labels.count(x) > 1})
+            if dupes:
+                raise ValueError(f"{what} {dupes[0]!r} is listed twice; give one of them a distinct label")
+        if self.baseline not in {m.label for m in self.methods}:
+            raise ValueError(
+                f"baseline {self.baseline!r} is not one of the methods ({', '.join(m.label for m in self.methods)})"
+            )
+        return self
+
+
+def _one_line(error: ValidationError, where: str, schema: type[BaseModel]) -> str:
+    parts = []
+    for err in error.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!r}; valid keys: {', '.join(schema.model_fields) or 'none'}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{where}: {'; '.join(parts)}"
+
+
+def _validated(schema: type[BaseModel], values: dict[str, Any], where: str):
+    try:
+        return schema(**values)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, where, schema)) from None
+
+
+def _entries(value: Any, what: str) -> list[dict[str, Any]]:
+    """A list of names or tables ``{name = ..., option = ...}`` as dicts with a ``name`` key."""
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{what}s: expected a non-empty list of names or tables, got {value!r}")
+    entries = []
+    for item in value:
+        entry = {"name": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"{what}s: each entry needs a name, got {item!r}")
+        entries.append(dict(entry))
+    return entries
+
+
+def _label(name: str, options: dict[str, Any]) -> str:
+    if not options:
+        return name
+    return f"{name}({','.join(f'{k}={v}' for k, v in sorted(options.items()))})"
+
+
+def _method_choice(entry: dict[str, Any]) -> MethodChoice:
+    name = entry.pop("name")
+    label = entry.pop("label", None) or _label(name, entry)
+    config = _validated(METHODS.get(name).config_cls, entry, f"method {label}")
+    return MethodChoice(name=name, label=label, config=config)
+
+
+def _task_choice(entry: dict[str, Any]) -> TaskChoice:
+    name = entry.pop("name")
+    label = entry.pop("label", None) or _label(name, entry)
+    config = _validated(TASKS.get(name).Config, entry, f"task {label}")
+    return TaskChoice(name=name, label=label, config=config)
+
+
+def _model_spec(value: Any) -> ModelSpec:
+    values = {"source": value} if isinstance(value, str) else value
+    if not isinstance(values, dict):
+        raise ConfigError(f"models: expected a model path/id or a table, got {value!r}")
+    return _validated(ModelSpec, values, f"model {values.get('source', '?')}")
+
+
+def sweep_config(raw: dict[str, Any]) -> SweepConfig:
+    """Validate a plain dict (parsed TOML, or CLI flags) into a SweepConfig."""
+    raw = dict(raw)
+    if "model" in raw:
+        if "models" in raw:
+            raise ConfigError("give either 'model' or 'models', not both")
+        raw["models"] = raw.pop("model")
+    for key in ("models", "methods", "tasks"):
+        if key not in raw:
+            raise ConfigError(f"missing {key!r}: a sweep needs at least one model, method and task")
+    models = raw.pop("models")
+    models = [_model_spec(m) for m in (models if isinstance(models, list) else [models])]
+    if not models:
+        raise ConfigError("models: the list is empty")
+    methods = [_method_choice(e) for e in _entries(raw.pop("methods"), "method")]
+    tasks = [_task_choice(e) for e in _entries(raw.pop("tasks"), "task")]
+    labels = [m.label for m in methods]
+    raw.setdefault("baseline", "fp32" if "fp32" in labels else labels[0])
+    return _validated(SweepConfig, {"models": models, "methods": methods, "tasks": tasks, **raw}, "config")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    return sweep_config({**read_toml(path), **(overrides or {})})

@@ -1,0 +1,89 @@
+"""Where evaluation data lives and how records are read: local JSONL/CSV/TSV or `datasets`."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantarena.errors import DataError
+
+DATA_DIR_ENV = "QUANTARENA_DATA_DIR"
+DEFAULT_DATA_DIR = Path("../shared/data")
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    path: str
+    text_column: str = "text"
+    label_column: str | None = "label"
+
+
+# Short names for the files of the shared offline data folder (see its README).
+NAMED_DATASETS = {
+    "sst2": NamedDataset("sst2/validation.jsonl", "sentence"),
+    "sst2-train": NamedDataset("sst2/train.jsonl.gz", "sentence"),
+    "imdb": NamedDataset("imdb/test.jsonl.gz"),
+    "wikitext2": NamedDataset("wikitext2/test.jsonl", label_column=None),
+}
+
+
+def resolve_data_dir(explicit: Path | None = None) -> Path:
+    return Path(explicit or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+
+
+def dataset_path(dataset: str, data_dir: Path) -> Path:
+    """A named dataset inside ``data_dir``, or a file path as given."""
+    path = data_dir / NAMED_DATASETS[dataset].path if dataset in NAMED_DATASETS else Path(dataset).expanduser()
+    if not path.is_file():
+        where = f"data dir {data_dir} (set {DATA_DIR_ENV} or --data-dir)" if dataset in NAMED_DATASETS else "disk"
+        raise DataError(
+            f"dataset {dataset!r}: {path} not found on {where}; "
+            f"named datasets: {', '.join(NAMED_DATASETS)}, or a .jsonl/.jsonl.gz/.csv/.tsv path, or hf:NAME"
+        )
+    return path
+
+
+def read_records(dataset: str, data_dir: Path, split: str = "test") -> list[dict]:
+    if dataset.startswith("hf:"):
+        return _read_hf(dataset[3:], split)
+    path = dataset_path(dataset, data_dir)
+    name = path.name.removesuffix(".gz")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            if name.endswith(".jsonl"):
+                records = [json.loads(line) for line in f if line.strip()]
+            elif name.endswith((".csv", ".tsv")):
+                records = list(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","))
+            else:
+                raise DataError(f"dataset {path}: unsupported file type; use .jsonl, .jsonl.gz, .csv or .tsv")
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, csv.Error) as e:
+        raise DataError(f"dataset {path}: cannot be read ({e})") from None
+    if not records:
+        raise DataError(f"dataset {path}: has no records")
+    return records
+
+
+def _read_hf(name: str, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("hf: datasets need the 'datasets' package: pip install 'quantarena[datasets]'") from None
+    path, _, config = name.partition(":")
+    try:
+        return list(datasets.load_dataset(path, config or None, split=split))
+    except Exception as e:
+        raise DataError(f"dataset hf:{name} split {split!r}: cannot be loaded ({type(e).__name__}: {e})") from None
+
+
+def require_columns(records: list[dict], columns: list[str], dataset: str) -> None:
+    missing = [c for c in columns if c not in records[0]]
+    if missing:
+        raise DataError(
+            f"dataset {dataset}: missing column(s) {', '.join(missing)}; "
+            f"available: {', '.join(records[0])} (set text_column / label_column)"
+        )

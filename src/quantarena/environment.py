@@ -1,0 +1,68 @@
+"""Library versions and hardware, recorded with every result so numbers can be traced and compared."""
+
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+import torch
+
+PACKAGES = (
+    "quantarena",
+    "torch",
+    "transformers",
+    "safetensors",
+    "accelerate",
+    "numpy",
+    "gguf",
+    "bitsandbytes",
+    "optimum-quanto",
+    "torchao",
+    "hqq",
+    "peft",
+    "triton",
+)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    hardware = {
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        hardware |= {
+            "gpu": props.name,
+            "gpu_compute_capability": f"{props.major}.{props.minor}",
+            "gpu_memory_bytes": props.total_memory,
+            "cuda": torch.version.cuda,
+        }
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {p: v for p in PACKAGES if (v := _version(p))},
+        "hardware": hardware,
+    }

@@ -1,0 +1,110 @@
+"""Measurements that reports can trust: true stored bytes, disk size, peak memory, synchronized timers."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _tensor_storages(t: torch.Tensor) -> Iterator[tuple[tuple, int]]:
+    """(identity, bytes) of every real storage behind ``t``.
+
+    Tensor subclasses (quanto, torchao) are walked through ``__tensor_flatten__``, so what counts
+    is the packed data and scales they hold, not the logical dtype they pretend to be.
+    """
+    if hasattr(t, "__tensor_flatten__") and type(t) is not nn.Parameter and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _tensor_storages(getattr(t, name))
+        return
+    if t.is_quantized:
+        # Affine-quantized tensors (torch.ao): int data plus per-channel or per-tensor params.
+        extra = 0
+        if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            extra = sum(p.numel() * p.element_size() for p in (t.q_per_channel_scales(), t.q_per_channel_zero_points()))
+        else:
+            extra = 16
+        yield (id(t), "quantized"), t.numel() * t.element_size() + extra
+        return
+    storage = t.untyped_storage()
+    yield (storage.data_ptr(), storage.device.type, storage.nbytes()), storage.nbytes()
+
+
+def _state_tensors(value) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _state_tensors(v)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer as actually stored, shared storage counted once.
+
+    Goes through ``state_dict`` so modules that keep weights outside parameters (torch.ao's packed
+    dynamic Linear exposes them there as quantized tensors) are counted too.
+    """
+    seen: dict[tuple, int] = {}
+    tensors = [
+        *model.parameters(),
+        *model.buffers(),
+        *(t for v in model.state_dict(keep_vars=True).values() for t in _state_tensors(v)),
+    ]
+    for t in tensors:
+        for key, nbytes in _tensor_storages(t):
+            seen[key] = nbytes
+    return sum(seen.values())
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+@contextmanager
+def timed(device: torch.device | None = None) -> Iterator[Stopwatch]:
+    """Wall time of the block, with the device drained before and after so async work is counted."""
+    device = device or torch.device("cpu")
+    watch = Stopwatch()
+    synchronize(device)
+    start = time.perf_counter()
+    yield watch
+    synchronize(device)
+    watch.seconds = time.perf_counter() - start
+
+
+def repeated_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds of ``repeats`` synchronized calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        with timed(device) as watch:
+            fn()
+        samples.append(watch.seconds * 1000)
+    return samples
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,122 @@
+"""Token perplexity with the transformers sliding-window recipe.
+
+Windows of ``max_length`` tokens start every ``stride`` tokens; each window scores only the tokens
+not scored by the previous one, conditioning on up to ``max_length - 1`` tokens before them
+(https://huggingface.co/docs/transformers/perplexity). Unlike the recipe's loop, which weights each
+window's mean loss by ``trg_len - 1``, the NLL here is summed per token, so the result is the exact
+mean over the ``n_tokens`` scored.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import PositiveInt, model_validator
+
+from quantarena.data import read_records, require_columns
+from quantarena.measure import timed
+from quantarena.tasks.base import EvalContext, Task, TaskConfig, TaskOutput, register
+
+
+class PerplexityConfig(TaskConfig):
+    dataset: str = "wikitext2"
+    split: str = "test"
+    text_column: str = "text"
+    max_length: PositiveInt = 1024
+    stride: PositiveInt = 512
+    max_tokens: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _stride_within_window(self):
+        if self.stride > self.max_length:
+            raise ValueError(f"stride ({self.stride}) must be <= max_length ({self.max_length})")
+        return self
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int
+    end: int
+    target_len: int  # the last target_len tokens of the window are scored
+
+
+def sliding_windows(seq_len: int, max_length: int, stride: int) -> list[Window]:
+    windows, prev_end = [], 0
+    for begin in range(0, seq_len, stride):
+        end = min(begin + max_length, seq_len)
+        windows.append(Window(begin, end, end - prev_end))
+        prev_end = end
+        if end == seq_len:
+            break
+    return windows
+
+
+def window_nll(logits: torch.Tensor, input_ids: torch.Tensor, target_len: int) -> tuple[float, int]:
+    """Summed NLL and count of the scored tokens of one window.
+
+    ``logits`` holds the last ``target_len + 1`` positions (or all of them); position ``i`` predicts
+    token ``i + 1``, so the window's first token, having no context, is never a target.
+    """
+    n_targets = min(target_len, input_ids.shape[-1] - 1)
+    predicting = logits[-n_targets - 1 : -1].float()
+    targets = input_ids[-n_targets:]
+    return F.cross_entropy(predicting, targets, reduction="sum").item(), n_targets
+
+
+@register
+class Perplexity(Task):
+    name = "perplexity"
+    description = "sliding-window token perplexity (WikiText-2 by default)"
+    model_kind = "causal-lm"
+    Config = PerplexityConfig
+    quality_metric = "perplexity"
+    higher_is_better = False
+    latency_metric = "ms_per_token"
+
+    def load(self) -> str:
+        records = read_records(self.config.dataset, self.data_dir, self.config.split)
+        require_columns(records, [self.config.text_column], self.config.dataset)
+        # The recipe's corpus: the split's rows joined by blank lines.
+        return "\n\n".join(r[self.config.text_column] for r in records[: self.config.limit])
+
+    def evaluate(self, ctx: EvalContext, data: str) -> TaskOutput:
+        cfg = self.config
+        ids = ctx.tokenizer(data, return_tensors="pt").input_ids[0][: cfg.max_tokens]
+        windows = sliding_windows(len(ids), cfg.max_length, cfg.stride)
+        keeps_logits = "logits_to_keep" in inspect.signature(ctx.model.forward).parameters
+        # Windows of equal shape batch together: all full windows after the first share one.
+        groups: dict[tuple[int, int], list[Window]] = {}
+        for w in windows:
+            groups.setdefault((w.end - w.begin, w.target_len), []).append(w)
+
+        nll_sum, n_tokens, done = 0.0, 0, 0
+        with torch.inference_mode(), timed(ctx.device) as total:
+            for (length, target_len), group in groups.items():
+                keep = {"logits_to_keep": target_len + 1} if keeps_logits and target_len < length else {}
+                for start in range(0, len(group), ctx.batch_size):
+                    batch = group[start : start + ctx.batch_size]
+                    input_ids = torch.stack([ids[w.begin : w.end] for w in batch]).to(ctx.device)
+                    logits = ctx.model(input_ids=input_ids, **keep).logits
+                    for row_logits, row_ids in zip(logits, input_ids, strict=True):
+                        nll, count = window_nll(row_logits, row_ids, target_len)
+                        nll_sum += nll
+                        n_tokens += count
+                    done += len(batch)
+                    ctx.progress(done, len(windows))
+
+        nll_mean = nll_sum / n_tokens
+        return TaskOutput(
+            {
+                "perplexity": math.exp(nll_mean),
+                "nll_mean": nll_mean,
+                "n_tokens": n_tokens,
+                "n_windows": len(windows),
+                "inference_s": total.seconds,
+                "tokens_per_s": n_tokens / total.seconds,
+                "ms_per_token": total.seconds / n_tokens * 1000,
+            }
+        )
