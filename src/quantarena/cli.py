@@ -19,7 +19,8 @@ from quantarena.results import Results
 from quantarena.tasks import TASKS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize a model many ways and compare.")
-console = Console()
+# Off a terminal (CI logs, pipes) Rich would wrap tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 

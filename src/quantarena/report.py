@@ -103,7 +103,8 @@ def rich_tables(results: Results) -> list[Table]:
         columns, rows = _table_rows(results, cells)
         table = Table(title=f"{model} · {task} · {cells[0].device}", title_justify="left")
         for col in columns:
-            table.add_column(col, justify="left" if col in ("Method", "Status") else "right", overflow="fold")
+            text = col in ("Method", "Status")
+            table.add_column(col, justify="left" if text else "right", no_wrap=not text or col == "Method")
         for row in rows:
             table.add_row(*(row.get(c, "") for c in columns))
         tables.append(table)

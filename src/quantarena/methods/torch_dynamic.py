@@ -30,8 +30,10 @@ def quantize_torch_dynamic(model: nn.Module, config: TorchDynamicInt8Config) -> 
         for name, module in model.named_modules()
         if type(module) is nn.Linear and not module_matches(name, config.skip_modules)
     }
+    # torch.ao announces its own deprecation on every call; it is still the API users run.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         return quantize_dynamic(model.float(), spec, dtype=torch.qint8, inplace=True)
 
 

