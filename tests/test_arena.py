@@ -31,7 +31,7 @@ def sweep(tmp_path_factory, tiny_llama_dir, tiny_bert_dir):
                 {"name": "classification", "dataset": str(data), "latency_examples": 4},
             ],
             "output_dir": str(out / "run"),
-            "isolation": "none",
+            "executor": "inline",
             "batch_size": 4,
         }
     )
@@ -130,7 +130,7 @@ def test_unavailable_backend_is_skipped_with_reason(tmp_path, tiny_llama_dir, mo
             "methods": ["fp32", "needs-missing"],
             "tasks": [{"name": "perplexity", "max_tokens": 100, "max_length": 50, "stride": 50}],
             "output_dir": str(tmp_path),
-            "isolation": "none",
+            "executor": "inline",
         }
     )
     cells = quantarena.run(config).cells
@@ -148,7 +148,7 @@ def test_cell_in_child_process(tmp_path, tiny_llama_dir):
             "output_dir": str(tmp_path),
         }
     )
-    assert config.isolation == "process"
+    assert config.executor == "local"
     (cell,) = quantarena.run(config).cells
     assert cell.status == "ok", cell.reason
     assert cell.measurements["peak_rss_bytes"] > 0
@@ -164,7 +164,7 @@ def test_bad_label_fails_the_cell_not_the_sweep(tmp_path, tiny_bert_dir):
             "methods": ["fp32", "own-int8"],
             "tasks": [{"name": "classification", "dataset": str(data)}],
             "output_dir": str(tmp_path / "out"),
-            "isolation": "none",
+            "executor": "inline",
         }
     )
     cells = quantarena.run(config).cells

@@ -147,3 +147,66 @@ def test_unwritable_output_dir(tmp_path, tiny_llama_dir):
         str(blocker / "out"),
     )
     assert code == 2 and "cannot be created" in stderr
+
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst / "model.safetensors"
+
+
+def test_truncated_safetensors(tmp_path, tiny_llama_dir):
+    weights = _copy_model(tiny_llama_dir, tmp_path / "m")
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    code, stderr = run_cli("run", "--model", str(tmp_path / "m"), "--method", "fp32", "--task", "perplexity")
+    assert code == 2 and "model.safetensors is corrupt" in stderr and "its tensors need" in stderr
+
+
+def test_safetensors_with_garbage_header(tmp_path, tiny_llama_dir):
+    weights = _copy_model(tiny_llama_dir, tmp_path / "m")
+    weights.write_bytes((20).to_bytes(8, "little") + b"not json at all....." + b"\0" * 100)
+    code, stderr = run_cli("run", "--model", str(tmp_path / "m"), "--method", "fp32", "--task", "perplexity")
+    assert code == 2 and "header is not valid JSON" in stderr
+
+
+def test_empty_dataset(tmp_path, tiny_bert_dir):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    code, stderr = run_cli(
+        "run", "--model", str(tiny_bert_dir), "--method", "fp32", "--task", f"classification:dataset='{data}'"
+    )
+    assert code == 2 and "has no records" in stderr
+
+
+def test_labels_that_are_not_class_ids(tmp_path, tiny_bert_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "label": "positive"}\n')
+    code, stderr = run_cli(
+        "run", "--model", str(tiny_bert_dir), "--method", "fp32", "--task", f"classification:dataset='{data}'"
+    )
+    assert code == 2 and "label 'positive' is not an integer class id" in stderr
+
+
+def test_plugin_that_cannot_be_imported(tmp_path):
+    config = tmp_path / "s.toml"
+    config.write_text('plugins = ["no_such_plugin_module"]\nmodel = "m"\nmethods = ["fp32"]\ntasks = ["perplexity"]\n')
+    code, stderr = run_cli("run", str(config))
+    assert code == 2 and "plugin 'no_such_plugin_module' cannot be imported: ModuleNotFoundError" in stderr
+
+
+def test_missing_gguf_file(tmp_path):
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    config = tmp_path / "s.toml"
+    config.write_text(
+        f'methods = ["fp32"]\ntasks = ["perplexity"]\n[[models]]\nsource = "{tmp_path}"\ngguf_file = "model.gguf"\n'
+    )
+    code, stderr = run_cli("run", str(config))
+    assert code == 2 and "GGUF file model.gguf not in" in stderr and "found: other.gguf" in stderr
+
+
+def test_cuda_only_method_on_cpu_is_a_reasoned_skip():
+    from quantarena.methods import Requirements
+
+    assert Requirements(devices=("cuda",)).unmet("cpu") == "needs device cuda, sweep runs on cpu"
+    assert Requirements(devices=("cpu",)).unmet("cuda") == "needs device cpu, sweep runs on cuda"

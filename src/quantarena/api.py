@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,10 +16,11 @@ from quantarena.config import SweepConfig
 from quantarena.data import resolve_data_dir
 from quantarena.environment import environment
 from quantarena.errors import ConfigError
-from quantarena.executor import run_in_child, run_inline
+from quantarena.executor import EXECUTORS
 from quantarena.models import ResolvedModel
 from quantarena.report import print_tables, write_all
-from quantarena.results import Results
+from quantarena.results import CellResult, Results
+from quantarena.store import Store
 from quantarena.tasks import TASKS
 
 
@@ -45,6 +47,7 @@ def plan(config: SweepConfig, resolved: list[ResolvedModel], data_dir: Path) -> 
         if not serving:
             have = ", ".join(f"{m.name} ({m.kind})" for m in resolved)
             raise ConfigError(f"task {task.label} needs a {kind} model; the sweep has {have}")
+        scratch = config.output_dir / ".scratch"
         for model in serving:
             cells += [
                 Cell(
@@ -56,7 +59,8 @@ def plan(config: SweepConfig, resolved: list[ResolvedModel], data_dir: Path) -> 
                     config.batch_size,
                     config.seed,
                     data_dir,
-                    config.output_dir / ".scratch",
+                    scratch,
+                    config.plugins,
                 )
                 for method in config.methods
             ]
@@ -85,26 +89,61 @@ def prepare(config: SweepConfig) -> list[Cell]:
     return cells
 
 
-def run(config: SweepConfig, console: Console | None = None) -> Results:
-    """Run the sweep; every finished cell is on disk before the next one starts."""
+def run(config: SweepConfig, console: Console | None = None, force: bool = False) -> Results:
+    """Run the sweep; every finished cell is in the store before the next one starts.
+
+    Cells already stored with status ok under the same key are reused (``force`` reruns them);
+    failed, skipped and missing cells run.
+    """
     console = console or Console(stderr=True)
     cells = prepare(config)
+    store = Store(config.output_dir)
+    keys = {id(cell): cell.key() for cell in cells}
+    finished: dict[int, CellResult] = {}
+    for cell in cells:
+        stored = None if force else store.get(keys[id(cell)])
+        if stored and stored[0].status == "ok":
+            # The key ignores display labels, so a renamed method still reuses its result.
+            finished[id(cell)] = replace(
+                stored[0], model=cell.model.name, method=cell.method.label, task=cell.task.label
+            )
+    todo = [cell for cell in cells if id(cell) not in finished]
+    if finished:
+        console.print(f"resuming: {len(finished)} of {len(cells)} cells already in {store.path}")
     results = Results(config.baseline, environment(), config.model_dump(mode="json"))
-    execute = run_in_child if config.isolation == "process" else run_inline
+
+    def publish() -> None:
+        results.cells = [finished[id(c)] for c in cells if id(c) in finished]
+        write_all(results, config.output_dir)
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        sweep = progress.add_task("sweep", total=len(cells))
-        for cell in cells:
+        sweep = progress.add_task("cells", total=len(todo))
+        inner = progress.add_task("", total=None, visible=False)
+
+        def progress_for(cell: Cell):
             label = f"{cell.model.name} · {cell.method.label} · {cell.task.label}"
             progress.update(sweep, description=f"cells ({label})")
-            inner = progress.add_task(f"  {cell.task.label}", total=None)
-            result = execute(cell, lambda done, total, t=inner: progress.update(t, completed=done, total=total))
-            progress.remove_task(inner)
-            results.cells.append(result)
-            write_all(results, config.output_dir)
+            progress.reset(inner, total=None, description=f"  {cell.task.label}", visible=True)
+            return lambda done, total: progress.update(inner, completed=done, total=total)
+
+        def on_result(cell: Cell, result: CellResult) -> None:
+            store.put(keys[id(cell)], result)
+            finished[id(cell)] = result
+            publish()
             progress.advance(sweep)
             if result.status != "ok":
-                console.print(f"[yellow]{label}: {result.status}: {result.reason}[/]")
+                console.print(
+                    f"[yellow]{cell.model.name} · {cell.method.label} · {cell.task.label}: "
+                    f"{result.status}: {result.reason}[/]",
+                    highlight=False,
+                )
+
+        try:
+            publish()
+            EXECUTORS[config.executor](todo, on_result, progress_for, config)
+        finally:
+            store.close()
     return results
 
 

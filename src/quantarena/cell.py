@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tempfile
 import time
 import traceback
@@ -13,6 +15,7 @@ import torch
 
 from quantarena import measure, models
 from quantarena.config import MethodChoice, TaskChoice
+from quantarena.environment import package_version
 from quantarena.errors import QuantarenaError
 from quantarena.methods import METHODS
 from quantarena.models import ResolvedModel
@@ -32,6 +35,20 @@ class Cell:
     seed: int
     data_dir: Path
     scratch_dir: Path
+    plugins: tuple[str, ...] = ()
+
+    def key(self) -> str:
+        """Hash of everything that determines this cell's result; equal keys mean reusable results."""
+        method = METHODS.get(self.method.name)
+        packages = ("quantarena", "torch", "transformers", *method.requires.packages)
+        identity = {
+            "model": [self.model.digest, self.kind, self.model.num_labels],
+            "method": [self.method.name, self.method.config.model_dump(mode="json")],
+            "task": [self.task.name, self.task.config.model_dump(mode="json"), str(self.data_dir)],
+            "run": [self.device, self.batch_size, self.seed],
+            "versions": {p: package_version(p) for p in packages},
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def result(self, status: str, reason: str | None = None, **fields) -> CellResult:
         task = TASKS.get(self.task.name)

@@ -15,7 +15,8 @@ from quantarena import api
 from quantarena.config import read_toml, sweep_config, tomllib
 from quantarena.errors import QuantarenaError
 from quantarena.methods import METHODS
-from quantarena.results import Results
+from quantarena.recommend import Constraints
+from quantarena.report import Report, load_runs, print_recommendations, print_tables, write_report
 from quantarena.tasks import TASKS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize a model many ways and compare.")
@@ -70,7 +71,8 @@ def run(
     output_dir: Annotated[Path | None, typer.Option()] = None,
     data_dir: Annotated[Path | None, typer.Option(help="folder of the offline datasets ($QUANTARENA_DATA_DIR)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
-    isolation: Annotated[str | None, typer.Option(help="process (a child per cell) or none")] = None,
+    executor: Annotated[str | None, typer.Option(help="local (a child process per cell), inline or ray")] = None,
+    force: Annotated[bool, typer.Option(help="rerun cells already finished in the output dir")] = False,
 ) -> None:
     """Run a sweep: every model × method × task, written to the output dir as each cell finishes."""
     raw = read_toml(config) if config else {}
@@ -84,30 +86,78 @@ def run(
         "output_dir": output_dir,
         "data_dir": data_dir,
         "seed": seed,
-        "isolation": isolation,
+        "executor": executor,
     }
     if raw.get("model") and model:
         raw.pop("model")
     cfg = sweep_config(raw | {k: v for k, v in flags.items() if v})
-    results = api.run(cfg)
+    try:
+        results = api.run(cfg, force=force)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: finished cells are kept in {cfg.output_dir}; rerun to resume", markup=False)
+        raise typer.Exit(130) from None
     api.report(results, console)
     console.print(f"results: {cfg.output_dir}/results.json, results.csv, results.md")
     if any(c.status == "failed" for c in results.cells):
         raise typer.Exit(1)
 
 
+Dirs = Annotated[list[Path], typer.Argument(help="output dir(s) of quantarena runs; several make one combined report")]
+MaxDrop = Annotated[
+    float, typer.Option(help="largest quality drop vs the baseline: points for accuracy-type metrics, % for perplexity")
+]
+MaxMemory = Annotated[float | None, typer.Option(help="largest weight memory, MB (10^6 bytes)")]
+MaxLatency = Annotated[float | None, typer.Option(help="largest latency, ms (ms/example at batch 1, or ms/token)")]
+Prefer = Annotated[str, typer.Option(help="among variants within the limits pick the smallest (memory) or fastest")]
+
+
+def _limits(max_drop: float, max_memory_mb: float | None, max_latency_ms: float | None, prefer: str) -> Constraints:
+    if prefer not in ("memory", "latency"):
+        raise QuantarenaError(f"--prefer {prefer!r}: use memory or latency")
+    return Constraints(max_drop, max_memory_mb, max_latency_ms, prefer)
+
+
 @app.command()
 @_user_errors
-def report(results_dir: Annotated[Path, typer.Argument(help="output dir of a run")]) -> None:
-    """Rebuild the tables and views of a finished run from its results.json, without rerunning."""
-    path = results_dir / "results.json"
-    if not path.is_file():
-        raise QuantarenaError(f"{path} does not exist: give the output dir of a quantarena run")
-    results = Results.read(path)
-    from quantarena.report import write_all
+def report(
+    results_dirs: Dirs,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="default: the run's dir for one run, ./quantarena-report for several")
+    ] = None,
+    max_drop: MaxDrop = 1.0,
+    max_memory_mb: MaxMemory = None,
+    max_latency_ms: MaxLatency = None,
+    prefer: Prefer = "memory",
+    bandwidth_gbs: Annotated[
+        float | None,
+        typer.Option(help="memory bandwidth for the roofline; default: recorded with the run, else measured here"),
+    ] = None,
+) -> None:
+    """Rebuild every view of finished runs from their results.json, without rerunning: tables, Markdown, CSV,
+    JSON, PNG charts and one self-contained HTML file."""
+    limits = _limits(max_drop, max_memory_mb, max_latency_ms, prefer)
+    out = output_dir or (results_dirs[0] if len(results_dirs) == 1 else Path("quantarena-report"))
+    built = write_report(load_runs(results_dirs, bandwidth_gbs), out, limits)
+    print_tables(built, console)
+    print_recommendations(built, console)
+    console.print(f"report: {out / 'report.html'} (and results.md, results.csv, report.json, charts/)")
 
-    write_all(results, results_dir)
-    api.report(results, console)
+
+@app.command()
+@_user_errors
+def recommend(
+    results_dirs: Dirs,
+    max_drop: MaxDrop = 1.0,
+    max_memory_mb: MaxMemory = None,
+    max_latency_ms: MaxLatency = None,
+    prefer: Prefer = "memory",
+) -> None:
+    """The smallest (or fastest) variant within the limits, per model and task, and what rules out each other
+    one. Exit code 1 when no variant of some model and task meets them."""
+    built = Report(load_runs(results_dirs, measure=False), _limits(max_drop, max_memory_mb, max_latency_ms, prefer))
+    print_recommendations(built, console)
+    if any(built.recommendation(g).choice is None for g in built.groups):
+        raise typer.Exit(1)
 
 
 @app.command("list")

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveInt, SerializeAsAny, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PositiveFloat,
+    PositiveInt,
+    SerializeAsAny,
+    ValidationError,
+    model_validator,
+)
 
 from quantarena.errors import ConfigError
 from quantarena.methods import METHODS, MethodConfig
@@ -54,7 +63,12 @@ class SweepConfig(_Strict):
     output_dir: Path = Path("runs/latest")
     seed: int = 0
     data_dir: Path | None = None
-    isolation: Literal["process", "none"] = "process"
+    # local: each cell in a fresh child process; inline: in this process; ray: cells as Ray tasks.
+    executor: Literal["local", "inline", "ray"] = "local"
+    ray_address: str | None = None
+    cell_timeout_s: PositiveFloat | None = None
+    # Modules imported before anything else, in every process, so they can register methods and tasks.
+    plugins: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -131,9 +145,20 @@ def _model_spec(value: Any) -> ModelSpec:
     return _validated(ModelSpec, values, f"model {values.get('source', '?')}")
 
 
+def import_plugins(plugins: Any) -> None:
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
+    for plugin in plugins:
+        try:
+            importlib.import_module(plugin)
+        except Exception as e:
+            raise ConfigError(f"plugin {plugin!r} cannot be imported: {type(e).__name__}: {e}") from None
+
+
 def sweep_config(raw: dict[str, Any]) -> SweepConfig:
     """Validate a plain dict (parsed TOML, or CLI flags) into a SweepConfig."""
     raw = dict(raw)
+    import_plugins(raw.get("plugins", []))
     if "model" in raw:
         if "models" in raw:
             raise ConfigError("give either 'model' or 'models', not both")

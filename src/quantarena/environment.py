@@ -36,7 +36,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -63,6 +63,6 @@ def environment() -> dict:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": {p: v for p in PACKAGES if (v := _version(p))},
+        "packages": {p: v for p in PACKAGES if (v := package_version(p))},
         "hardware": hardware,
     }

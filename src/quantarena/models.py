@@ -34,6 +34,7 @@ class ResolvedModel:
     gguf_file: str | None = None
     num_labels: int | None = None
     trust_remote_code: bool = False
+    digest: str = ""
 
 
 def cache_dir() -> Path:
@@ -86,7 +87,33 @@ def locate(source: str, gguf_file: str | None = None) -> tuple[Path | str, str |
         raise ModelError(f"model {source}: {folder} has no config.json (not a transformers model folder)")
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise ModelError(f"model {source}: {folder} has no weights ({' or '.join(WEIGHT_FILES[::2])})")
+    for weights in folder.glob("*.safetensors"):
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise ModelError(f"model {source}: {weights.name} is corrupt ({problem})")
     return folder, None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unreadable (bad header, or shorter than its tensors), or None.
+
+    Checked before any cell runs, since a truncated download otherwise fails every cell alike.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "shorter than its 8-byte header length"
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            return f"header length {header_len} exceeds the file size {size}"
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, ValueError):
+            return "header is not valid JSON"
+    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    return None if size >= expected else f"{size} bytes, its tensors need {expected}"
 
 
 def _hub_snapshot(repo_id: str) -> str:
@@ -127,6 +154,41 @@ def gguf_to_safetensors(folder: Path, gguf_file: str) -> Path:
     return out
 
 
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over the folder's config and weight files, so results are keyed by the weights themselves.
+
+    Hashing reads every byte (about a second for 500 MB), so per-file digests are cached by path,
+    size and mtime.
+    """
+    cache_file = cache_dir() / "digests.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    files = sorted(f for f in folder.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
+    combined = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        stamp = f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if stamp not in cache:
+            cache[stamp] = _file_sha256(f)
+        combined.update(f"{f.name}:{cache[stamp]}".encode())
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps(cache))
+    except OSError:
+        pass  # an unwritable cache only costs rehashing next time
+    return combined.hexdigest()
+
+
 def _display_name(source: str, gguf_file: str | None) -> str:
     if gguf_file:
         return Path(gguf_file).stem
@@ -156,6 +218,7 @@ def resolve(
         kind=kind or _kind_from_config(Path(location)),
         num_labels=num_labels,
         trust_remote_code=trust_remote_code,
+        digest=weights_digest(Path(location)),
     )
 
 

@@ -1,0 +1,3 @@
+from quantarena.cli import main
+
+main()
