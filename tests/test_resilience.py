@@ -74,14 +74,14 @@ def test_hanging_cell_times_out(tmp_path, tiny_llama_dir):
     assert (cell.status, cell.reason) == ("failed", "timed out after 20 s")
 
 
-def test_sigkill_mid_cell_loses_only_that_cell(tmp_path, tiny_llama_dir):
-    args = [
-        sys.executable, "-m", "quantarena", "run", "--model", str(tiny_llama_dir), "--output-dir", str(tmp_path),
-        "--method", "fp32", "--method", "test-sleep:seconds=10", "--method", "own-int8",
-        "--task", "perplexity:max_tokens=120,max_length=40,stride=20",
-    ]  # fmt: skip
+def start_sweep(tmp_path: Path, model_dir: Path) -> tuple[list[str], dict, subprocess.Popen]:
+    """The CLI on three cells, the middle one sleeping 10 s, returned once the first cell is stored."""
     (tmp_path / "sweep.toml").write_text(f'plugins = ["{PLUGIN}"]\n')
-    args.insert(4, str(tmp_path / "sweep.toml"))
+    args = [
+        sys.executable, "-m", "quantarena", "run", str(tmp_path / "sweep.toml"), "--model", str(model_dir),
+        "--output-dir", str(tmp_path), "--method", "fp32", "--method", "test-sleep:seconds=10",
+        "--method", "own-int8", "--task", "perplexity:max_tokens=120,max_length=40,stride=20",
+    ]  # fmt: skip
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
     sweep = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -90,6 +90,11 @@ def test_sigkill_mid_cell_loses_only_that_cell(tmp_path, tiny_llama_dir):
             break
         time.sleep(0.1)
     assert sweep.poll() is None, sweep.stderr.read().decode()
+    return args, env, sweep
+
+
+def test_sigkill_mid_cell_loses_only_that_cell(tmp_path, tiny_llama_dir):
+    args, env, sweep = start_sweep(tmp_path, tiny_llama_dir)
     os.killpg(sweep.pid, signal.SIGKILL)  # the sweep and its cell's child, mid test-sleep
     sweep.wait()
     first = stored_rows(tmp_path)
@@ -104,6 +109,16 @@ def test_sigkill_mid_cell_loses_only_that_cell(tmp_path, tiny_llama_dir):
     assert [c["method"] for c in json.loads((tmp_path / "results.json").read_text())["cells"]] == [
         "fp32", "test-sleep(seconds=10)", "own-int8",
     ]  # fmt: skip
+
+
+def test_ctrl_c_stops_cleanly_keeping_finished_cells(tmp_path, tiny_llama_dir):
+    _, _, sweep = start_sweep(tmp_path, tiny_llama_dir)
+    os.killpg(sweep.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    _, stderr = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130
+    assert "interrupted: finished cells are kept in" in stderr.decode()
+    assert [r[1] for r in stored_rows(tmp_path)] == ["ok"]
+    assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 1
 
 
 class DiskFull:

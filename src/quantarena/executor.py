@@ -34,6 +34,8 @@ def _quiet() -> None:
 
 
 def _child(cell: Cell, conn) -> None:
+    # Ctrl-C reaches the whole process group; the parent alone handles it, killing this child.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet()
     try:
         import_plugins(list(cell.plugins))
