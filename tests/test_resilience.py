@@ -182,3 +182,22 @@ def test_ray_executor_on_a_local_cluster(tmp_path, tiny_llama_dir):
     assert [(c.method, c.status) for c in cells] == [("fp32", "ok"), ("own-int8", "ok"), ("test-segfault", "failed")]
     assert cells[2].reason.startswith("ray task failed")
     assert len(stored_rows(tmp_path)) == 3
+
+
+def test_full_disk_for_the_views_keeps_the_store(tmp_path, tiny_llama_dir, monkeypatch):
+    import errno
+
+    import quantarena.api
+
+    real_write_all = quantarena.api.write_all
+
+    def write_all_until_full(results, output_dir):
+        if results.cells:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write_all(results, output_dir)
+
+    monkeypatch.setattr(quantarena.api, "write_all", write_all_until_full)
+    sweep = config(tiny_llama_dir, tmp_path, ["fp32", "own-int8"], executor="inline")
+    with pytest.raises(QuantarenaError, match=f"cannot write the results files in {tmp_path}: No space left on device"):
+        quantarena.run(sweep)
+    assert [r[1] for r in stored_rows(tmp_path)] == ["ok"]

@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from quantarena import models
 from quantarena.cell import Cell
 from quantarena.config import SweepConfig
 from quantarena.data import resolve_data_dir
 from quantarena.environment import environment
-from quantarena.errors import ConfigError
+from quantarena.errors import ConfigError, QuantarenaError
 from quantarena.executor import EXECUTORS
 from quantarena.models import ResolvedModel
 from quantarena.report import print_tables, write_all
@@ -114,7 +115,10 @@ def run(config: SweepConfig, console: Console | None = None, force: bool = False
 
     def publish() -> None:
         results.cells = [finished[id(c)] for c in cells if id(c) in finished]
-        write_all(results, config.output_dir)
+        try:
+            write_all(results, config.output_dir)
+        except OSError as e:
+            raise QuantarenaError(f"cannot write the results files in {config.output_dir}: {e.strerror}") from None
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
@@ -122,8 +126,7 @@ def run(config: SweepConfig, console: Console | None = None, force: bool = False
         inner = progress.add_task("", total=None, visible=False)
 
         def progress_for(cell: Cell):
-            label = f"{cell.model.name} · {cell.method.label} · {cell.task.label}"
-            progress.update(sweep, description=f"cells ({label})")
+            progress.update(sweep, description=f"cells ({cell.label})")
             progress.reset(inner, total=None, description=f"  {cell.task.label}", visible=True)
             return lambda done, total: progress.update(inner, completed=done, total=total)
 
@@ -133,11 +136,7 @@ def run(config: SweepConfig, console: Console | None = None, force: bool = False
             publish()
             progress.advance(sweep)
             if result.status != "ok":
-                console.print(
-                    f"[yellow]{cell.model.name} · {cell.method.label} · {cell.task.label}: "
-                    f"{result.status}: {result.reason}[/]",
-                    highlight=False,
-                )
+                console.print(Text(f"{cell.label}: {result.status}: {result.reason}", style="yellow"))
 
         try:
             publish()

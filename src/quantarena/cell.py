@@ -37,6 +37,10 @@ class Cell:
     scratch_dir: Path
     plugins: tuple[str, ...] = ()
 
+    @property
+    def label(self) -> str:
+        return f"{self.model.name} · {self.method.label} · {self.task.label}"
+
     def key(self) -> str:
         """Hash of everything that determines this cell's result; equal keys mean reusable results."""
         method = METHODS.get(self.method.name)
