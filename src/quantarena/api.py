@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,11 +14,12 @@ from rich.text import Text
 
 from quantarena import models
 from quantarena.cell import Cell
-from quantarena.config import SweepConfig
+from quantarena.config import ModelSpec, SweepConfig
 from quantarena.data import resolve_data_dir
 from quantarena.environment import environment
 from quantarena.errors import ConfigError, QuantarenaError
 from quantarena.executor import EXECUTORS
+from quantarena.finetune import finetune
 from quantarena.models import ResolvedModel
 from quantarena.report import print_tables, write_all
 from quantarena.results import CellResult, Results
@@ -68,12 +70,22 @@ def plan(config: SweepConfig, resolved: list[ResolvedModel], data_dir: Path) -> 
     return cells
 
 
+def _finetuned(config: SweepConfig, model: ModelSpec, data_dir: Path) -> ModelSpec:
+    """The spec of ``model`` fine-tuned (trained now, resumed, or reused when already finished)."""
+    name = model.name or f"{models.display_name(model.source, model.gguf_file)}-finetuned"
+    out = config.output_dir / "finetune" / re.sub(r"[^\w.-]+", "_", name)
+    tuned = finetune(model.source, config.finetune, out, data_dir, config.device)
+    return model.model_copy(update={"source": str(tuned), "name": name, "gguf_file": None})
+
+
 def prepare(config: SweepConfig) -> list[Cell]:
-    """Every check that can fail on bad input, before any cell runs."""
+    """Every check that can fail on bad input, before any cell runs (fine-tuning, if asked, too)."""
     _check_device(config.device)
+    _check_writable(config.output_dir)
     data_dir = resolve_data_dir(config.data_dir)
     for task in config.tasks:
         TASKS.get(task.name)(task.config, data_dir).load()
+    specs = [_finetuned(config, m, data_dir) if config.finetune else m for m in config.models]
     resolved = [
         models.resolve(
             m.source,
@@ -83,11 +95,9 @@ def prepare(config: SweepConfig) -> list[Cell]:
             num_labels=m.num_labels,
             trust_remote_code=m.trust_remote_code,
         )
-        for m in config.models
+        for m in specs
     ]
-    cells = plan(config, resolved, data_dir)
-    _check_writable(config.output_dir)
-    return cells
+    return plan(config, resolved, data_dir)
 
 
 def run(config: SweepConfig, console: Console | None = None, force: bool = False) -> Results:

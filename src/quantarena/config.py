@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from quantarena.errors import ConfigError
+from quantarena.finetune import FinetuneConfig
 from quantarena.methods import METHODS, MethodConfig
 from quantarena.tasks import TASKS, TaskConfig
 from quantarena.tasks.base import ModelKind
@@ -69,6 +70,8 @@ class SweepConfig(_Strict):
     cell_timeout_s: PositiveFloat | None = None
     # Modules imported before anything else, in every process, so they can register methods and tasks.
     plugins: tuple[str, ...] = ()
+    # A fine-tuning step run on every model before the methods (sequence classifiers).
+    finetune: FinetuneConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -96,7 +99,7 @@ def _one_line(error: ValidationError, where: str, schema: type[BaseModel]) -> st
     return f"{where}: {'; '.join(parts)}"
 
 
-def _validated(schema: type[BaseModel], values: dict[str, Any], where: str):
+def validated(schema: type[BaseModel], values: dict[str, Any], where: str):
     try:
         return schema(**values)
     except ValidationError as e:
@@ -127,14 +130,14 @@ def _label(name: str, options: dict[str, Any]) -> str:
 def _method_choice(entry: dict[str, Any]) -> MethodChoice:
     name = entry.pop("name")
     label = entry.pop("label", None) or _label(name, entry)
-    config = _validated(METHODS.get(name).config_cls, entry, f"method {label}")
+    config = validated(METHODS.get(name).config_cls, entry, f"method {label}")
     return MethodChoice(name=name, label=label, config=config)
 
 
 def _task_choice(entry: dict[str, Any]) -> TaskChoice:
     name = entry.pop("name")
     label = entry.pop("label", None) or _label(name, entry)
-    config = _validated(TASKS.get(name).Config, entry, f"task {label}")
+    config = validated(TASKS.get(name).Config, entry, f"task {label}")
     return TaskChoice(name=name, label=label, config=config)
 
 
@@ -142,7 +145,7 @@ def _model_spec(value: Any) -> ModelSpec:
     values = {"source": value} if isinstance(value, str) else value
     if not isinstance(values, dict):
         raise ConfigError(f"models: expected a model path/id or a table, got {value!r}")
-    return _validated(ModelSpec, values, f"model {values.get('source', '?')}")
+    return validated(ModelSpec, values, f"model {values.get('source', '?')}")
 
 
 def import_plugins(plugins: Any) -> None:
@@ -174,7 +177,7 @@ def sweep_config(raw: dict[str, Any]) -> SweepConfig:
     tasks = [_task_choice(e) for e in _entries(raw.pop("tasks"), "task")]
     labels = [m.label for m in methods]
     raw.setdefault("baseline", "fp32" if "fp32" in labels else labels[0])
-    return _validated(SweepConfig, {"models": models, "methods": methods, "tasks": tasks, **raw}, "config")
+    return validated(SweepConfig, {"models": models, "methods": methods, "tasks": tasks, **raw}, "config")
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -26,17 +26,9 @@ OnResult = Callable[[Cell, CellResult], None]
 ProgressFor = Callable[[Cell], Progress]
 
 
-def _quiet() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def _child(cell: Cell, conn) -> None:
     # Ctrl-C reaches the whole process group; the parent alone handles it, killing this child.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _quiet()
     try:
         import_plugins(list(cell.plugins))
         result = run_cell(cell, lambda done, total: conn.send(("progress", (done, total))))
@@ -97,7 +89,6 @@ def _first_line(error: BaseException) -> str:
 
 
 def _ray_cell(cell: Cell) -> CellResult:
-    _quiet()
     import_plugins(list(cell.plugins))
     return run_cell(cell)
 

