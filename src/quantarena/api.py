@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from quantarena import models
+from quantarena.analysis import load_runs
 from quantarena.cell import Cell
 from quantarena.config import ModelSpec, SweepConfig
 from quantarena.data import resolve_data_dir
@@ -21,8 +22,9 @@ from quantarena.errors import ConfigError, QuantarenaError
 from quantarena.executor import EXECUTORS
 from quantarena.finetune import finetune
 from quantarena.models import ResolvedModel
-from quantarena.report import print_tables, write_all
+from quantarena.report import print_tables, write_all, write_report
 from quantarena.results import CellResult, Results
+from quantarena.roofline import record_bandwidth
 from quantarena.store import Store
 from quantarena.tasks import TASKS
 
@@ -121,7 +123,8 @@ def run(config: SweepConfig, console: Console | None = None, force: bool = False
     todo = [cell for cell in cells if id(cell) not in finished]
     if finished:
         console.print(f"resuming: {len(finished)} of {len(cells)} cells already in {store.path}")
-    results = Results(config.baseline, environment(), config.model_dump(mode="json"))
+    # The bandwidth is measured once per run: the roofline floor of every latency divides by it.
+    results = Results(config.baseline, record_bandwidth(environment(), config.device), config.model_dump(mode="json"))
 
     def publish() -> None:
         results.cells = [finished[id(c)] for c in cells if id(c) in finished]
@@ -153,6 +156,8 @@ def run(config: SweepConfig, console: Console | None = None, force: bool = False
             EXECUTORS[config.executor](todo, on_result, progress_for, config)
         finally:
             store.close()
+    # Charts, statistics and the HTML page once at the end: too slow to redraw after every cell.
+    write_report(load_runs([config.output_dir]), config.output_dir)
     return results
 
 

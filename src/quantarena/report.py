@@ -1,21 +1,44 @@
-"""Derived views of a Results set: Rich table, Markdown, CSV and JSON, all from the same rows."""
+"""Derived views of results: Rich tables, Markdown, CSV, JSON, PNG charts and one HTML file, all from the same rows.
+
+analysis.py computes each cell's statistics and roofline once; report_sections.py turns them into the document
+and charts; this module writes the views.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Table as RichTable
 
+from quantarena.analysis import CellAnalysis, Report, Run, load_runs
+from quantarena.document import Image
+from quantarena.document import markdown as render_markdown
+from quantarena.html_report import html
+from quantarena.recommend import LATENCY_LABELS, Constraints, use_cases
+from quantarena.report_sections import MB, comparison_row, document, draw_charts, peak_bytes, quality_delta, table_rows
 from quantarena.results import CellResult, Results, write_atomic
+from quantarena.stats import PROPORTIONS, change_unit
 
-MB = 1e6
-LATENCY_LABELS = {"ms_per_token": "ms/token", "latency_ms_median": "ms/example (batch 1)"}
-# Metrics in [0, 1]: their differences read best in percentage points.
-PROPORTIONS = {"accuracy", "precision", "recall", "f1", "f1_macro"}
+# Names other modules and tests import from here.
+__all__ = [
+    "CSV_COLUMNS",
+    "LATENCY_LABELS",
+    "PROPORTIONS",
+    "Report",
+    "Run",
+    "comparison_row",
+    "load_runs",
+    "markdown",
+    "print_tables",
+    "quality_delta",
+    "write_all",
+    "write_report",
+]
 
 CSV_COLUMNS = [
     "Model",
@@ -40,108 +63,78 @@ CSV_COLUMNS = [
     "Device",
     "Status",
     "Reason",
+    "Run",
+    "Quality Metric",
+    "Quality CI Low",
+    "Quality CI High",
+    "Quality Stderr",
+    "Change vs Baseline",
+    "Change Unit",
+    "Change CI Low",
+    "Change CI High",
+    "p-value",
+    "Test",
+    "Significant",
+    "Memory Floor (ms)",
+    "Roofline Efficiency",
 ]
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "" if value is None else f"{value:,.{digits}f}"
+# ---- terminal ---------------------------------------------------------------------------------
 
 
-def _peak_bytes(cell: CellResult) -> int | None:
-    m = cell.measurements
-    return m.get("peak_cuda_allocated_bytes", m.get("peak_rss_bytes"))
-
-
-def quality_delta(cell: CellResult, base: CellResult) -> str:
-    metric = cell.quality_metric
-    value, ref = cell.metrics[metric], base.metrics[metric]
-    if metric in PROPORTIONS:
-        return f"{(value - ref) * 100:+.2f} pt"
-    return f"{value - ref:+.3f} ({(value / ref - 1) * 100:+.1f}%)"
-
-
-def comparison_row(results: Results, cell: CellResult) -> dict[str, str]:
-    row = {"Method": cell.method}
-    if cell.status != "ok":
-        return row | {"Status": f"{cell.status}: {cell.reason}"}
-    base = results.baseline_of(cell)
-    metric, latency = cell.quality_metric, cell.latency_metric
-    wbytes, lat = cell.measurements["weight_bytes"], cell.metrics[latency]
-    row[metric.replace("_", " ").title()] = _fmt(cell.metrics[metric], 4)
-    if "f1" in cell.metrics:
-        row["F1"] = _fmt(cell.metrics["f1"], 4)
-    row[f"Δ vs {results.baseline}"] = quality_delta(cell, base) if base else ""
-    row["Weight MB"] = _fmt(wbytes / MB, 1)
-    if base:
-        ratio = base.measurements["weight_bytes"] / wbytes
-        row["Memory saved"] = f"{(1 - 1 / ratio) * 100:.1f}% ({ratio:.2f}×)"
-    row["Disk MB"] = _fmt(cell.measurements["disk_bytes"] / MB, 1)
-    row[LATENCY_LABELS.get(latency, latency)] = _fmt(lat, 3)
-    if base:
-        row["Latency ratio"] = f"{lat / base.metrics[latency]:.2f}×"
-    row["Peak MB"] = _fmt(_peak_bytes(cell) / MB, 0)
-    row["Quantize s"] = _fmt(cell.measurements["quantize_s"], 2)
-    return row | {"Status": "ok"}
-
-
-def grouped(results: Results) -> dict[tuple[str, str], list[CellResult]]:
-    groups: dict[tuple[str, str], list[CellResult]] = {}
-    for cell in results.cells:
-        groups.setdefault((cell.model, cell.task), []).append(cell)
-    return groups
-
-
-def _table_rows(results: Results, cells: list[CellResult]) -> tuple[list[str], list[dict[str, str]]]:
-    rows = [comparison_row(results, c) for c in cells]
-    columns = [*list(dict.fromkeys(k for r in rows for k in r if k != "Status")), "Status"]
-    return columns, rows
-
-
-def rich_tables(results: Results) -> list[Table]:
+def rich_tables(results: Results | Report) -> list[RichTable]:
+    report = results if isinstance(results, Report) else Report.of(results)
     tables = []
-    for (model, task), cells in grouped(results).items():
-        columns, rows = _table_rows(results, cells)
-        table = Table(title=f"{model} · {task} · {cells[0].device}", title_justify="left")
+    for group in report.groups:
+        columns, rows = table_rows(report, group)
+        table = RichTable(title=group.title, title_justify="left")
         for col in columns:
-            text = col in ("Method", "Status")
-            table.add_column(col, justify="left" if text else "right", no_wrap=not text or col == "Method")
+            text = col in ("Method", "Status", "Significance")
+            table.add_column(col, justify="left" if text else "right", no_wrap=col != "Status")
         for row in rows:
             table.add_row(*(row.get(c, "") for c in columns))
         tables.append(table)
     return tables
 
 
-def print_tables(results: Results, console: Console | None = None) -> None:
+def print_tables(results: Results | Report, console: Console | None = None) -> None:
     console = console or Console()
     for table in rich_tables(results):
         console.print(table)
 
 
-def markdown(results: Results) -> str:
-    hw = results.environment.get("hardware", {})
-    pk = results.environment.get("packages", {})
-    lines = [
-        "# quantarena results",
-        "",
-        f"Hardware: {hw.get('gpu') or hw.get('cpu')} ({hw.get('cpu_count')} CPU threads). "
-        f"torch {pk.get('torch')}, transformers {pk.get('transformers')}. Baseline: `{results.baseline}`.",
-    ]
-    for (model, task), cells in grouped(results).items():
-        columns, rows = _table_rows(results, cells)
-        lines += ["", f"## {model} · {task} · {cells[0].device}", ""]
-        lines.append("| " + " | ".join(columns) + " |")
-        lines.append("|" + "|".join("---" if c in ("Method", "Status") else "---:" for c in columns) + "|")
-        lines += ["| " + " | ".join(r.get(c, "").replace("|", "\\|") for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def print_recommendations(report: Report, console: Console) -> None:
+    for group in report.groups:
+        rec = report.recommendation(group)
+        console.print(f"[bold]{group.title}[/]: {rec.summary()}", highlight=False)
+        for c in rec.candidates:
+            if c.method != rec.choice:
+                console.print(f"  {c.method}: {c.verdict}", highlight=False)
 
 
-def csv_row(cell: CellResult) -> dict[str, object]:
+# ---- the document: Markdown and HTML ---------------------------------------------------------------
+
+
+def markdown(results: Results | Report, images: list[Image] | None = None) -> str:
+    report = results if isinstance(results, Report) else Report.of(results)
+    return render_markdown(document(report, images))
+
+
+# ---- CSV and JSON ------------------------------------------------------------------------------------
+
+
+def csv_row(cell: CellResult, analysis: CellAnalysis | None = None, run: str = "") -> dict[str, object]:
     m, meas = cell.metrics, cell.measurements
 
     def mb(key: str) -> float | None:
         return None if meas.get(key) is None else meas[key] / MB
 
-    peak = _peak_bytes(cell)
+    peak = peak_bytes(cell)
+    analysis = analysis or CellAnalysis({}, {}, None)
+    est = analysis.estimates.get(cell.quality_metric or "")
+    tested = analysis.comparisons.get(cell.quality_metric or "")
+    line = analysis.roofline
     return {
         "Model": cell.model,
         "Quantization": cell.method,
@@ -165,20 +158,99 @@ def csv_row(cell: CellResult) -> dict[str, object]:
         "Device": cell.device,
         "Status": cell.status,
         "Reason": cell.reason,
+        "Run": run,
+        "Quality Metric": cell.quality_metric,
+        "Quality CI Low": est and est.ci_low,
+        "Quality CI High": est and est.ci_high,
+        "Quality Stderr": est and est.stderr,
+        "Change vs Baseline": tested and tested.change,
+        "Change Unit": tested and change_unit(tested.metric),
+        "Change CI Low": tested and tested.ci_low,
+        "Change CI High": tested and tested.ci_high,
+        "p-value": tested and tested.p_value,
+        "Test": tested and tested.test,
+        "Significant": tested and tested.significant,
+        "Memory Floor (ms)": line and line.floor_ms,
+        "Roofline Efficiency": line and line.efficiency,
     }
 
 
-def csv_text(results: Results) -> str:
+def csv_text(results: Results | Report) -> str:
+    report = results if isinstance(results, Report) else Report.of(results)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for cell in results.cells:
-        writer.writerow({k: "" if v is None else v for k, v in csv_row(cell).items()})
+    for group in report.groups:
+        for cell in group.cells:
+            row = csv_row(cell, report.analysis(group, cell), group.run.label)
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
     return out.getvalue()
 
 
+def report_json(report: Report) -> dict:
+    """Everything derived, per cell, so a figure in the HTML can be traced to its numbers."""
+    groups = []
+    for group in report.groups:
+        cells = []
+        for cell in group.cells:
+            analysis = report.analysis(group, cell)
+            cells.append(
+                {
+                    "method": cell.method,
+                    "status": cell.status,
+                    "estimates": {k: asdict(v) for k, v in analysis.estimates.items()},
+                    "comparisons": {
+                        k: asdict(v) | {"significant": v.significant} for k, v in analysis.comparisons.items()
+                    },
+                    "roofline": analysis.roofline
+                    and asdict(analysis.roofline) | {"efficiency": analysis.roofline.efficiency},
+                }
+            )
+        rec = report.recommendation(group)
+        groups.append(
+            {
+                "title": group.title,
+                "run": group.run.label,
+                "model": group.cells[0].model,
+                "task": group.cells[0].task,
+                "device": group.cells[0].device,
+                "cells": cells,
+                "use_cases": use_cases(group.results, group.cells, report.limits),
+                "recommendation": asdict(rec),
+            }
+        )
+    runs = [
+        {
+            "label": r.label,
+            "baseline": r.results.baseline,
+            "hardware": r.results.environment.get("hardware", {}),
+            "memory_bandwidth_bytes_per_s": r.bandwidth_bytes_per_s,
+            "memory_bandwidth_source": r.bandwidth_source,
+        }
+        for r in report.runs
+    ]
+    return {"runs": runs, "limits": asdict(report.limits), "groups": groups}
+
+
+# ---- files -------------------------------------------------------------------------------------------
+
+
 def write_all(results: Results, output_dir: Path) -> None:
-    """results.json is the record; the CSV and Markdown are views regenerated from it."""
+    """results.json is the record; the CSV and Markdown are views regenerated from it (cheap: no charts)."""
+    report = Report.of(results)
     write_atomic(output_dir / "results.json", json.dumps(results.to_json(), indent=1))
-    write_atomic(output_dir / "results.csv", csv_text(results))
-    write_atomic(output_dir / "results.md", markdown(results))
+    write_atomic(output_dir / "results.csv", csv_text(report))
+    write_atomic(output_dir / "results.md", markdown(report))
+
+
+def write_report(runs: list[Run], output_dir: Path, limits: Constraints | None = None) -> Report:
+    """Every view of the runs into output_dir: results.md, results.csv, report.json, charts/*.png, report.html."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(runs, limits)
+    images = [Image(img.path.relative_to(output_dir), img.alt) for img in draw_charts(report, output_dir / "charts")]
+    blocks = document(report, images)
+    write_atomic(output_dir / "results.md", render_markdown(blocks))
+    write_atomic(output_dir / "results.csv", csv_text(report))
+    write_atomic(output_dir / "report.json", json.dumps(report_json(report), indent=1))
+    write_atomic(output_dir / "report.html", html(blocks, output_dir, "quantarena report"))
+    return report

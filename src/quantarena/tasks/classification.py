@@ -99,4 +99,5 @@ class Classification(Task):
             "latency_ms_p90": float(torch.tensor(latencies_ms).quantile(0.9)),
             "latency_examples": len(latencies_ms),
         }
-        return TaskOutput(metrics, {"predictions": predictions})
+        # Labels beside predictions make paired tests (McNemar) possible from the record alone.
+        return TaskOutput(metrics, {"predictions": predictions, "labels": data.labels})

@@ -89,25 +89,26 @@ class Perplexity(Task):
         windows = sliding_windows(len(ids), cfg.max_length, cfg.stride)
         keeps_logits = "logits_to_keep" in inspect.signature(ctx.model.forward).parameters
         # Windows of equal shape batch together: all full windows after the first share one.
-        groups: dict[tuple[int, int], list[Window]] = {}
-        for w in windows:
-            groups.setdefault((w.end - w.begin, w.target_len), []).append(w)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, w in enumerate(windows):
+            groups.setdefault((w.end - w.begin, w.target_len), []).append(i)
 
-        nll_sum, n_tokens, done = 0.0, 0, 0
+        # Per-window sums, in window order, so variants can be compared window by window (paired bootstrap).
+        window_nll_sum, window_tokens = [0.0] * len(windows), [0] * len(windows)
+        done, n_forwards = 0, 0
         with torch.inference_mode(), timed(ctx.device) as total:
             for (length, target_len), group in groups.items():
                 keep = {"logits_to_keep": target_len + 1} if keeps_logits and target_len < length else {}
                 for start in range(0, len(group), ctx.batch_size):
                     batch = group[start : start + ctx.batch_size]
-                    input_ids = torch.stack([ids[w.begin : w.end] for w in batch]).to(ctx.device)
+                    input_ids = torch.stack([ids[windows[i].begin : windows[i].end] for i in batch]).to(ctx.device)
                     logits = ctx.model(input_ids=input_ids, **keep).logits
-                    for row_logits, row_ids in zip(logits, input_ids, strict=True):
-                        nll, count = window_nll(row_logits, row_ids, target_len)
-                        nll_sum += nll
-                        n_tokens += count
-                    done += len(batch)
+                    for i, row_logits, row_ids in zip(batch, logits, input_ids, strict=True):
+                        window_nll_sum[i], window_tokens[i] = window_nll(row_logits, row_ids, target_len)
+                    done, n_forwards = done + len(batch), n_forwards + 1
                     ctx.progress(done, len(windows))
 
+        nll_sum, n_tokens = sum(window_nll_sum), sum(window_tokens)
         nll_mean = nll_sum / n_tokens
         return TaskOutput(
             {
@@ -115,8 +116,11 @@ class Perplexity(Task):
                 "nll_mean": nll_mean,
                 "n_tokens": n_tokens,
                 "n_windows": len(windows),
+                # Each forward reads every weight once: the roofline's memory floor is per forward.
+                "n_forwards": n_forwards,
                 "inference_s": total.seconds,
                 "tokens_per_s": n_tokens / total.seconds,
                 "ms_per_token": total.seconds / n_tokens * 1000,
-            }
+            },
+            {"window_nll_sum": window_nll_sum, "window_tokens": window_tokens},
         )
