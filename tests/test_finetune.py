@@ -1,8 +1,10 @@
 """Fine-tuning (full and LoRA) on a tiny BERT, resuming, bad input, and the fine-tune → quantize sweep."""
 
+import importlib.util
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -88,6 +90,30 @@ def test_cli_bad_lora_target_is_one_line_exit_2(tmp_path, tiny_bert_dir, sentime
     assert result.exit_code == 2
     assert result.stderr.startswith("error: LoRA target 'q_proj' matches no Linear module")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_qlora_on_cpu_is_refused_before_any_work(tmp_path, tiny_bert_dir, sentiment):
+    result = CliRunner().invoke(
+        app,
+        ["finetune", str(tiny_bert_dir), "--out", str(tmp_path / "q"), "--train-dataset", sentiment,
+         "--eval-dataset", sentiment, "--lora", "r=4,quantized_base=nf4"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: LoRA on a nf4 base (QLoRA) trains through bitsandbytes' CUDA kernels")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="QLoRA needs CUDA and bitsandbytes")  # fmt: skip
+def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(tmp_path, tiny_bert_dir, sentiment):
+    lora = LoraOptions(r=4, alpha=8, targets=("query", "value"), quantized_base="nf4")
+    model_dir = finetune(str(tiny_bert_dir), tiny_config(sentiment, epochs=4, learning_rate=1e-2, lora=lora),
+                         tmp_path, device="cuda")  # fmt: skip
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        assert f.get_tensor("bert.encoder.layer.0.attention.self.query.weight").dtype == torch.float32
+    assert json.loads((tmp_path / DONE_FILE).read_text())["epochs"][-1]["accuracy"] >= 0.9
 
 
 def test_sweep_with_a_finetune_step(tmp_path, tiny_bert_dir, sentiment):

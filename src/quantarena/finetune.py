@@ -9,8 +9,10 @@ merged into the base) that a sweep loads like any other.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,6 +35,8 @@ class LoraOptions(BaseModel):
     dropout: NonNegativeFloat = 0.1
     # BERT-family attention projections; other architectures name theirs differently.
     targets: tuple[str, ...] = ("query", "value")
+    # QLoRA: train the adapter on a bitsandbytes 4-bit copy of the base (CUDA only).
+    quantized_base: Literal["nf4", "fp4"] | None = None
 
 
 class FinetuneConfig(BaseModel):
@@ -75,6 +79,46 @@ def _load(config: FinetuneConfig, dataset: str, limit: int | None, data_dir: Pat
     if bad:
         raise DataError(f"dataset {dataset}: labels {bad[:5]} out of range for num_labels = {config.num_labels}")
     return data
+
+
+def _check_quantized_base(lora: LoraOptions | None, device: str) -> None:
+    if lora is None or lora.quantized_base is None:
+        return
+    if device != "cuda":
+        raise ConfigError(
+            f"LoRA on a {lora.quantized_base} base (QLoRA) trains through bitsandbytes' CUDA kernels; this run is on "
+            f"{device}: use device cuda, or drop quantized_base for LoRA on the full-precision base"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("LoRA on a quantized base needs bitsandbytes: pip install 'quantarena[backends]'")
+
+
+def _quantized_base(resolved: models.ResolvedModel, config: FinetuneConfig, quant_type: str) -> torch.nn.Module:
+    """The QLoRA recipe: 4-bit base with double quantization, bf16 compute, the new head kept in full precision."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=["classifier", "score"],
+    )
+    torch.manual_seed(config.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolved.path, num_labels=config.num_labels, quantization_config=bnb, device_map={"": 0}
+    )
+    return prepare_model_for_kbit_training(model)
+
+
+def _merged_into_full_precision(resolved: models.ResolvedModel, config: FinetuneConfig, adapter_dir: Path):
+    """A QLoRA adapter is merged into the unquantized base, so the sweep quantizes one plain model
+    like any other (merging into 4-bit weights would round the adapter away)."""
+    from peft import PeftModel
+
+    base, _ = models.load(resolved, "sequence-classification", config.seed)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def _with_lora(model: torch.nn.Module, lora: LoraOptions) -> torch.nn.Module:
@@ -167,6 +211,7 @@ def finetune(
 ) -> Path:
     """Fine-tune ``source`` and return the folder of the resulting model (LoRA merged), resuming if
     ``out_dir`` holds checkpoints of an interrupted run, and reusing a finished one."""
+    models.quiet_transformers()
     from torch.utils.tensorboard import SummaryWriter
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
     from transformers.integrations import TensorBoardCallback
@@ -174,11 +219,15 @@ def finetune(
     model_dir = out_dir / "model"
     if _finished_with(out_dir, config):
         return model_dir
+    _check_quantized_base(config.lora, device)
     data_dir = resolve_data_dir(data_dir)
     train = _load(config, config.train_dataset, config.train_limit, data_dir)
     evaluation = _load(config, config.eval_dataset, config.eval_limit, data_dir)
     resolved = models.resolve(source, kind="sequence-classification", num_labels=config.num_labels)
     model, tokenizer = models.load(resolved, "sequence-classification", config.seed)
+    quantized_base = config.lora.quantized_base if config.lora else None
+    if quantized_base:
+        model = _quantized_base(resolved, config, quantized_base)
     if config.lora:
         model = _with_lora(model, config.lora)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +252,7 @@ def finetune(
         save_total_limit=2,
         seed=config.seed,
         use_cpu=device == "cpu",
+        bf16=quantized_base is not None,
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
@@ -223,7 +273,10 @@ def finetune(
     _plot_curves(trainer.state.log_history, rows, out_dir)
     if config.lora:
         trainer.model.save_pretrained(out_dir / "adapter")
-        merged = trainer.model.merge_and_unload()
+        if quantized_base:
+            merged = _merged_into_full_precision(resolved, config, out_dir / "adapter")
+        else:
+            merged = trainer.model.merge_and_unload()
     else:
         merged = trainer.model
     merged.save_pretrained(model_dir, safe_serialization=True)

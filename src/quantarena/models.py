@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,9 +225,15 @@ def resolve(
 
 
 def quiet_transformers() -> None:
-    """Load reports and progress bars would bury quantarena's own one-line messages and tables."""
+    """Load reports and progress bars would bury quantarena's own one-line messages and tables.
+
+    transformers' Trainer imports torchao whenever it is installed, and torchao warns about every
+    CUDA-only extension it cannot load on a CPU machine (and torch about its enum registrations).
+    """
     import transformers
 
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
