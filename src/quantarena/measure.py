@@ -43,20 +43,67 @@ def _state_tensors(value) -> Iterator[torch.Tensor]:
     elif isinstance(value, (tuple, list)):
         for v in value:
             yield from _state_tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _state_tensors(v)
+
+
+def _quant_state_tensors(state) -> Iterator[torch.Tensor]:
+    """bitsandbytes' QuantState: per-block absmax, the codebook, and for double quantization the
+    absmax's own offset and (nested) QuantState."""
+    for name in ("absmax", "code", "offset"):
+        value = getattr(state, name, None)
+        if isinstance(value, torch.Tensor):
+            yield value
+    if getattr(state, "state2", None) is not None:
+        yield from _quant_state_tensors(state.state2)
+
+
+def _held_tensors(module: nn.Module) -> list[torch.Tensor] | None:
+    """Tensors a backend's module keeps outside its parameters and buffers, or None for other modules.
+
+    For these modules the state_dict is not used: it holds serialization-only extras (bnb's packed
+    JSON of the quant state, HQQ's encoded metadata) that are not in memory while the model runs.
+    """
+    weight = getattr(module, "weight", None)
+    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit (Params4bit)
+        return list(_quant_state_tensors(weight.quant_state))
+    if hasattr(weight, "SCB"):  # bitsandbytes int8: row scales on the weight, or in the matmul state once run
+        state = getattr(module, "state", None)
+        held = (weight.SCB, getattr(state, "SCB", None), getattr(state, "CB", None))
+        return [t for t in held if isinstance(t, torch.Tensor)]
+    if hasattr(module, "W_q") and isinstance(getattr(module, "meta", None), dict):
+        # HQQ: group scales/zeros in a dict, and the bias as a plain attribute
+        return [*_state_tensors(module.meta), *_state_tensors(module.bias)]
+    return None
+
+
+def _owner(key: str, owners: set[str]) -> bool:
+    while "." in key:
+        key = key.rpartition(".")[0]
+        if key in owners:
+            return True
+    return False
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer as actually stored, shared storage counted once.
 
     Goes through ``state_dict`` so modules that keep weights outside parameters (torch.ao's packed
-    dynamic Linear exposes them there as quantized tensors) are counted too.
+    dynamic Linear exposes them there as quantized tensors) are counted too. Backend modules that
+    hang tensors off their weight or a dict (bitsandbytes quant states and int8 row scales, HQQ's
+    scales and zeros) are walked directly instead.
     """
-    seen: dict[tuple, int] = {}
+    held = {name: tensors for name, module in model.named_modules() if (tensors := _held_tensors(module)) is not None}
+    owners = set(held)
+    state = model.state_dict(keep_vars=True)
     tensors = [
         *model.parameters(),
         *model.buffers(),
-        *(t for v in model.state_dict(keep_vars=True).values() for t in _state_tensors(v)),
+        *(t for tensors in held.values() for t in tensors),
+        *(t for k, v in state.items() if not _owner(k, owners) for t in _state_tensors(v)),
     ]
+    seen: dict[tuple, int] = {}
     for t in tensors:
         for key, nbytes in _tensor_storages(t):
             seen[key] = nbytes
