@@ -5,11 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from pydantic import PositiveInt
-from safetensors.torch import save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
-from quantarena.methods.base import Method, WeightQuantConfig, register, replace_linears
+from quantarena.errors import ModelError
+from quantarena.kernels import use_triton_kernels
+from quantarena.kernels.cpu_int8 import Int8CpuLinear
+from quantarena.methods.base import (
+    Method,
+    Requirements,
+    WeightQuantConfig,
+    empty_model,
+    finish_loaded,
+    register,
+    replace_linears,
+)
 from quantarena.ownquant import Int4WeightLinear, Int8WeightLinear, WeightOnlyLinear
 
 OWN_FORMAT_FILE = "quantarena_quant.json"
@@ -27,11 +39,18 @@ class OwnInt4Config(WeightQuantConfig):
 
 def quantize_own_int8(model: nn.Module, config: OwnInt8Config) -> nn.Module:
     replace_linears(model, Int8WeightLinear.from_linear, config.skip_modules)
+    use_triton_kernels(model)
     return model
 
 
 def quantize_own_int4(model: nn.Module, config: OwnInt4Config) -> nn.Module:
     replace_linears(model, lambda lin: Int4WeightLinear.from_linear(lin, config.group_size), config.skip_modules)
+    use_triton_kernels(model)
+    return model
+
+
+def quantize_own_int8_cpu(model: nn.Module, config: OwnInt8Config) -> nn.Module:
+    replace_linears(model, Int8CpuLinear.from_linear, config.skip_modules)
     return model
 
 
@@ -41,11 +60,51 @@ def save_own(model: nn.Module, out_dir: Path) -> None:
     model.config.save_pretrained(out_dir)
     save_model(model, str(out_dir / "model.safetensors"))
     modules = {
-        name: {"format": type(m).__name__, "group_size": getattr(m, "group_size", None)}
+        name: {"format": getattr(m, "saved_format", type(m).__name__), "group_size": getattr(m, "group_size", None)}
         for name, m in model.named_modules()
         if isinstance(m, WeightOnlyLinear)
     }
     (out_dir / OWN_FORMAT_FILE).write_text(json.dumps({"version": 1, "modules": modules}, indent=1))
+
+
+def _own_linear(spec: dict, tensors: dict[str, torch.Tensor], in_features: int) -> WeightOnlyLinear:
+    """One saved quantized Linear, rebuilt from its tensors (``qweight``, ``scales``, [``mins``], [``bias``])."""
+    bias = tensors.get("bias")
+    if spec["format"] == Int8WeightLinear.__name__:
+        return Int8WeightLinear(tensors["qweight"], tensors["scales"], bias)
+    if spec["format"] == Int4WeightLinear.__name__:
+        return Int4WeightLinear(
+            tensors["qweight"], tensors["scales"], tensors["mins"], in_features, spec["group_size"], bias
+        )
+    raise ModelError(f"{OWN_FORMAT_FILE}: unknown module format {spec['format']!r}")
+
+
+def load_own(model_dir: Path, device: str = "cpu") -> nn.Module:
+    """The architecture from config.json, its quantized Linears from the JSON map, every tensor from safetensors."""
+    qmap = json.loads((model_dir / OWN_FORMAT_FILE).read_text())
+    state = load_file(model_dir / "model.safetensors")
+    model = empty_model(model_dir)
+    for name, spec in qmap["modules"].items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        prefix = f"{name}."
+        tensors = {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        setattr(parent, child, _own_linear(spec, tensors, getattr(parent, child).in_features))
+    model.load_state_dict(state, strict=False, assign=True)
+    model = finish_loaded(model, device)
+    use_triton_kernels(model)
+    return model
+
+
+def load_own_int8_cpu(model_dir: Path, device: str = "cpu") -> nn.Module:
+    """The own-int8 checkpoint (own-int8-cpu saves exactly that format), its linears handed to FBGEMM again."""
+    model = load_own(model_dir, device)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8WeightLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, Int8CpuLinear.from_own(module))
+    return model
 
 
 register(
@@ -55,6 +114,19 @@ register(
         quantize_own_int8,
         OwnInt8Config,
         save=save_own,
+        load=load_own,
+    )
+)
+register(
+    Method(
+        "own-int8-cpu",
+        "quantarena int8 per-channel weights (own-int8's format), int8 x int8 on the CPU: FBGEMM with "
+        "activations quantized per call",
+        quantize_own_int8_cpu,
+        OwnInt8Config,
+        requires=Requirements(devices=("cpu",)),
+        save=save_own,
+        load=load_own_int8_cpu,
     )
 )
 register(
@@ -64,5 +136,6 @@ register(
         quantize_own_int4,
         OwnInt4Config,
         save=save_own,
+        load=load_own,
     )
 )
