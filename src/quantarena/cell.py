@@ -9,6 +9,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,11 +18,13 @@ from quantarena import measure, models
 from quantarena.config import MethodChoice, TaskChoice
 from quantarena.environment import package_version
 from quantarena.errors import QuantarenaError
+from quantarena.kernels import kernel_summary
 from quantarena.methods import METHODS
+from quantarena.methods.base import calibration_batches
 from quantarena.models import ResolvedModel
 from quantarena.results import CellResult
 from quantarena.tasks import TASKS, EvalContext
-from quantarena.tasks.base import ModelKind
+from quantarena.tasks.base import ModelKind, Origin
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,18 @@ def run_cell(cell: Cell, progress: Callable[[int, int], None] | None = None) -> 
         model.to(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        calibration = partial(calibration_batches, tokenizer, cell.data_dir, device)
         with torch.no_grad(), measure.timed(device) as quantize:
-            model = method.apply(model, cell.method.config)
+            model = method.quantize(model, cell.method.config, calibration)
         disk_bytes, save_s = _disk_bytes(method.save, model, cell.scratch_dir)
         torch.manual_seed(cell.seed)
-        ctx = EvalContext(model, tokenizer, device, cell.batch_size, cell.seed, progress or (lambda d, t: None))
+        origin = Origin(
+            cell.model.digest,
+            cell.method.name,
+            cell.method.config.model_dump(mode="json"),
+            lambda: models.load(cell.model, cell.kind, cell.seed),
+        )
+        ctx = EvalContext(model, tokenizer, device, cell.batch_size, cell.seed, progress or (lambda d, t: None), origin)
         output = task.evaluate(ctx, data)
     except QuantarenaError as e:
         return cell.result("failed", str(e), duration_s=time.perf_counter() - started)
@@ -122,6 +132,9 @@ def run_cell(cell: Cell, progress: Callable[[int, int], None] | None = None) -> 
     }
     if device.type == "cuda":
         measurements["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    kernels = kernel_summary(model)
+    if kernels:  # which forward the own formats ran: fast kernels, or the portable fallback
+        measurements["linear_kernels"] = kernels
     return cell.result(
         "ok",
         metrics=output.metrics,

@@ -141,6 +141,14 @@ def _task_choice(entry: dict[str, Any]) -> TaskChoice:
     return TaskChoice(name=name, label=label, config=config)
 
 
+def _with_reference(task: TaskChoice, baseline: MethodChoice) -> TaskChoice:
+    """Tasks that compare with a reference variant (divergence) take the sweep's baseline unless told otherwise."""
+    if "reference_method" not in type(task.config).model_fields or "reference_method" in task.config.model_fields_set:
+        return task
+    reference = {"reference_method": baseline.name, "reference_config": baseline.config.model_dump(mode="json")}
+    return task.model_copy(update={"config": task.config.model_copy(update=reference)})
+
+
 def _model_spec(value: Any) -> ModelSpec:
     values = {"source": value} if isinstance(value, str) else value
     if not isinstance(values, dict):
@@ -177,6 +185,9 @@ def sweep_config(raw: dict[str, Any]) -> SweepConfig:
     tasks = [_task_choice(e) for e in _entries(raw.pop("tasks"), "task")]
     labels = [m.label for m in methods]
     raw.setdefault("baseline", "fp32" if "fp32" in labels else labels[0])
+    baseline = next((m for m in methods if m.label == raw["baseline"]), None)
+    if baseline is not None:
+        tasks = [_with_reference(t, baseline) for t in tasks]
     return validated(SweepConfig, {"models": models, "methods": methods, "tasks": tasks, **raw}, "config")
 
 

@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,14 @@ NAMED_DATASETS = {
     "sst2-train": NamedDataset("sst2/train.jsonl.gz", "sentence"),
     "imdb": NamedDataset("imdb/test.jsonl.gz"),
     "wikitext2": NamedDataset("wikitext2/test.jsonl", label_column=None),
+    "wikitext2-raw": NamedDataset("wikitext2/wiki.test.raw", label_column=None),
+    "arc_easy": NamedDataset("arc/ARC-Easy-test.jsonl", "question", None),
+    "arc_challenge": NamedDataset("arc/ARC-Challenge-test.jsonl", "question", None),
+    "mmlu": NamedDataset("mmlu/test.jsonl.gz", "question", None),
+    "mmlu-dev": NamedDataset("mmlu/dev.jsonl", "question", None),
+    # llama.cpp's preprocessed text: ctx is already "activity_label: ctx" (see the data folder's SOURCE.md).
+    "hellaswag": NamedDataset("hellaswag/validation_preprocessed.jsonl.gz", "ctx", None),
+    "lambada": NamedDataset("lambada_openai/lambada_test.jsonl", label_column=None),
 }
 
 
@@ -66,6 +75,22 @@ def read_records(dataset: str, data_dir: Path, split: str = "test") -> list[dict
     if not records:
         raise DataError(f"dataset {path}: has no records")
     return records
+
+
+def corpus(dataset: str, data_dir: Path, split: str, column: str, select: Callable[[list], list] = list) -> str:
+    """The (selected) rows' text joined by blank lines: the transformers perplexity recipe's corpus."""
+    records = read_records(dataset, data_dir, split)
+    require_columns(records, [column], dataset)
+    return "\n\n".join(r[column] for r in select(records))
+
+
+def read_text(dataset: str, data_dir: Path) -> str:
+    """A plain-text file (named, e.g. ``wikitext2-raw``, or a path), whole."""
+    path = dataset_path(dataset, data_dir)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise DataError(f"dataset {path}: cannot be read ({e})") from None
 
 
 def _read_hf(name: str, split: str) -> list[dict]:

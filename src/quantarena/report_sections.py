@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantarena import charts
 from quantarena.analysis import CellAnalysis, Group, Report, Run, analyze
+from quantarena.divergence import flipped_predictions
 from quantarena.document import Block, Bullets, Heading, Image, Paragraph, Table
 from quantarena.recommend import LATENCY_LABELS, use_cases
 from quantarena.results import CellResult, Results
@@ -66,8 +67,13 @@ def comparison_row(results: Results, cell: CellResult, analysis: CellAnalysis | 
     row[f"{CONFIDENCE:.0%} CI"] = _interval(analysis.estimates.get(metric), 4)
     if "f1" in cell.metrics:
         row["F1"] = _fmt(cell.metrics["f1"], 4)
+    if "kl_mean" in cell.metrics:
+        row["KL mean"], row["KL p99"] = _fmt(cell.metrics["kl_mean"], 5), _fmt(cell.metrics["kl_p99"], 5)
     row[f"Δ vs {results.baseline}"] = quality_delta(cell, base) if base else ""
     row["Significance"] = _significance(cell, base, analysis)
+    flipped = flipped_predictions(cell, base) if base is not None and base is not cell else None
+    if flipped is not None:
+        row["Flipped"] = str(flipped)
     row["Weight MB"] = _fmt(wbytes / MB, 1)
     if base:
         ratio = base.measurements["weight_bytes"] / wbytes

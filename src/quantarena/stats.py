@@ -26,10 +26,18 @@ ALPHA = 1 - CONFIDENCE
 N_RESAMPLES = 2000
 SEED = 0
 Z_95 = 1.959963984540054
+# Means of per-example 0/1 scores: their analytic standard error is exact.
+MEANS_OF_SCORES = {"accuracy", "acc", "acc_norm", "last_token_acc"}
 # Metrics in [0, 1]: differences read best in percentage points; others as a relative change in %.
-PROPORTIONS = {"accuracy", "precision", "recall", "f1", "f1_macro"}
+PROPORTIONS = MEANS_OF_SCORES | {"precision", "recall", "f1", "f1_macro", "top1_agreement"}
 # Paired comparisons made for each metric that has a per-example record, and their test.
-COMPARED = {"accuracy": "McNemar exact", "f1": "paired bootstrap", "perplexity": "paired bootstrap"}
+COMPARED = {
+    "accuracy": "McNemar exact",
+    "f1": "paired bootstrap",
+    "perplexity": "paired bootstrap",
+    "acc": "McNemar exact",
+    "word_perplexity": "paired bootstrap",
+}
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,39 @@ def sample_of(cell: CellResult) -> Sample | None:
             tuple(per["labels"]),
             labels == predictions,
         )
+    if per.get("predictions_norm") and per.get("labels"):  # multiple choice: acc and acc_norm
+        labels = np.asarray(per["labels"])
+        correct = np.asarray(per["predictions"]) == labels
+        columns = np.column_stack([correct, np.asarray(per["predictions_norm"]) == labels, np.ones(len(labels))])
+        return Sample(
+            columns.astype(float),
+            lambda sums: {"acc": sums[..., 0] / sums[..., 2], "acc_norm": sums[..., 1] / sums[..., 2]},
+            "examples",
+            tuple(per["labels"]),
+            correct,
+        )
+    if per.get("correct") and per.get("last_token_correct"):  # LAMBADA
+        correct = np.asarray(per["correct"], dtype=bool)
+        columns = np.column_stack([correct, per["last_token_correct"], np.ones(len(correct))]).astype(float)
+        return Sample(
+            columns,
+            lambda sums: {"acc": sums[..., 0] / sums[..., 2], "last_token_acc": sums[..., 1] / sums[..., 2]},
+            "examples",
+            (len(correct),),
+            correct,
+        )
+    if per.get("doc_logprob") and per.get("doc_words"):  # WikiText documents
+        columns = np.column_stack([-np.asarray(per["doc_logprob"]), per["doc_words"], per["doc_bytes"]]).astype(float)
+        return Sample(
+            columns,
+            lambda sums: {
+                "word_perplexity": np.exp(sums[..., 0] / sums[..., 1]),
+                "byte_perplexity": np.exp(sums[..., 0] / sums[..., 2]),
+                "bits_per_byte": sums[..., 0] / sums[..., 2] / np.log(2),
+            },
+            "documents",
+            tuple(per["doc_words"]),
+        )
     if cell.task_name == "perplexity" and per.get("window_nll_sum") and per.get("window_tokens"):
         columns = np.column_stack([per["window_nll_sum"], per["window_tokens"]]).astype(float)
         return Sample(
@@ -177,7 +218,7 @@ def estimates(cell: CellResult) -> dict[str, Estimate]:
     out = {}
     for metric, samples in boot.items():
         value = float(point[metric])
-        stderr = accuracy_stderr(value, n) if metric == "accuracy" else None
+        stderr = accuracy_stderr(value, n) if metric in MEANS_OF_SCORES else None
         out[metric] = Estimate(metric, value, *percentile_interval(samples), n, sample.unit, stderr)
     return out
 

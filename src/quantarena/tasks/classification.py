@@ -53,7 +53,7 @@ class Classification(Task):
         label_col = cfg.label_column or (named.label_column if named and named.label_column else "label")
         records = read_records(cfg.dataset, self.data_dir, cfg.split)
         require_columns(records, [text_col, label_col], cfg.dataset)
-        records = records[: cfg.limit]
+        records = cfg.select(records)
         return LabeledTexts(
             texts=[str(r[text_col]) for r in records],
             labels=[_int_label(r[label_col], cfg.dataset) for r in records],

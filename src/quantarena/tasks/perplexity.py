@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import PositiveInt, model_validator
 
-from quantarena.data import read_records, require_columns
+from quantarena.data import corpus
 from quantarena.measure import timed
 from quantarena.tasks.base import EvalContext, Task, TaskConfig, TaskOutput, register
 
@@ -78,49 +78,51 @@ class Perplexity(Task):
     latency_metric = "ms_per_token"
 
     def load(self) -> str:
-        records = read_records(self.config.dataset, self.data_dir, self.config.split)
-        require_columns(records, [self.config.text_column], self.config.dataset)
-        # The recipe's corpus: the split's rows joined by blank lines.
-        return "\n\n".join(r[self.config.text_column] for r in records[: self.config.limit])
+        cfg = self.config
+        return corpus(cfg.dataset, self.data_dir, cfg.split, cfg.text_column, cfg.select)
 
     def evaluate(self, ctx: EvalContext, data: str) -> TaskOutput:
-        cfg = self.config
-        ids = ctx.tokenizer(data, return_tensors="pt").input_ids[0][: cfg.max_tokens]
-        windows = sliding_windows(len(ids), cfg.max_length, cfg.stride)
-        keeps_logits = "logits_to_keep" in inspect.signature(ctx.model.forward).parameters
-        # Windows of equal shape batch together: all full windows after the first share one.
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, w in enumerate(windows):
-            groups.setdefault((w.end - w.begin, w.target_len), []).append(i)
+        return sliding_window_perplexity(ctx, data, self.config)
 
-        # Per-window sums, in window order, so variants can be compared window by window (paired bootstrap).
-        window_nll_sum, window_tokens = [0.0] * len(windows), [0] * len(windows)
-        done, n_forwards = 0, 0
-        with torch.inference_mode(), timed(ctx.device) as total:
-            for (length, target_len), group in groups.items():
-                keep = {"logits_to_keep": target_len + 1} if keeps_logits and target_len < length else {}
-                for start in range(0, len(group), ctx.batch_size):
-                    batch = group[start : start + ctx.batch_size]
-                    input_ids = torch.stack([ids[windows[i].begin : windows[i].end] for i in batch]).to(ctx.device)
-                    logits = ctx.model(input_ids=input_ids, **keep).logits
-                    for i, row_logits, row_ids in zip(batch, logits, input_ids, strict=True):
-                        window_nll_sum[i], window_tokens[i] = window_nll(row_logits, row_ids, target_len)
-                    done, n_forwards = done + len(batch), n_forwards + 1
-                    ctx.progress(done, len(windows))
 
-        nll_sum, n_tokens = sum(window_nll_sum), sum(window_tokens)
-        nll_mean = nll_sum / n_tokens
-        return TaskOutput(
-            {
-                "perplexity": math.exp(nll_mean),
-                "nll_mean": nll_mean,
-                "n_tokens": n_tokens,
-                "n_windows": len(windows),
-                # Each forward reads every weight once: the roofline's memory floor is per forward.
-                "n_forwards": n_forwards,
-                "inference_s": total.seconds,
-                "tokens_per_s": n_tokens / total.seconds,
-                "ms_per_token": total.seconds / n_tokens * 1000,
-            },
-            {"window_nll_sum": window_nll_sum, "window_tokens": window_tokens},
-        )
+def sliding_window_perplexity(ctx: EvalContext, text: str, cfg: PerplexityConfig) -> TaskOutput:
+    """The recipe over ``text`` with ``cfg``'s max_length, stride and max_tokens; per-window sums kept."""
+    ids = ctx.tokenizer(text, return_tensors="pt").input_ids[0][: cfg.max_tokens]
+    windows = sliding_windows(len(ids), cfg.max_length, cfg.stride)
+    keeps_logits = "logits_to_keep" in inspect.signature(ctx.model.forward).parameters
+    # Windows of equal shape batch together: all full windows after the first share one.
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, w in enumerate(windows):
+        groups.setdefault((w.end - w.begin, w.target_len), []).append(i)
+
+    # Per-window sums, in window order, so variants can be compared window by window (paired bootstrap).
+    window_nll_sum, window_tokens = [0.0] * len(windows), [0] * len(windows)
+    done, n_forwards = 0, 0
+    with torch.inference_mode(), timed(ctx.device) as total:
+        for (length, target_len), group in groups.items():
+            keep = {"logits_to_keep": target_len + 1} if keeps_logits and target_len < length else {}
+            for start in range(0, len(group), ctx.batch_size):
+                batch = group[start : start + ctx.batch_size]
+                input_ids = torch.stack([ids[windows[i].begin : windows[i].end] for i in batch]).to(ctx.device)
+                logits = ctx.model(input_ids=input_ids, **keep).logits
+                for i, row_logits, row_ids in zip(batch, logits, input_ids, strict=True):
+                    window_nll_sum[i], window_tokens[i] = window_nll(row_logits, row_ids, target_len)
+                done, n_forwards = done + len(batch), n_forwards + 1
+                ctx.progress(done, len(windows))
+
+    nll_sum, n_tokens = sum(window_nll_sum), sum(window_tokens)
+    nll_mean = nll_sum / n_tokens
+    return TaskOutput(
+        {
+            "perplexity": math.exp(nll_mean),
+            "nll_mean": nll_mean,
+            "n_tokens": n_tokens,
+            "n_windows": len(windows),
+            # Each forward reads every weight once: the roofline's memory floor is per forward.
+            "n_forwards": n_forwards,
+            "inference_s": total.seconds,
+            "tokens_per_s": n_tokens / total.seconds,
+            "ms_per_token": total.seconds / n_tokens * 1000,
+        },
+        {"window_nll_sum": window_nll_sum, "window_tokens": window_tokens},
+    )

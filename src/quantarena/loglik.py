@@ -1,0 +1,237 @@
+"""Log-likelihood of continuations given contexts, as lm-evaluation-harness defines it, computed faster.
+
+A request is a (context, continuation) pair of token ids; its score is the summed log-probability of the
+continuation's tokens and whether each of them is the greedy (argmax) choice. The input the model sees is
+lm-eval's: ``(context + continuation)[-(max_length + 1):][:-1]``.
+
+What makes it fast: no context is computed twice, little is padding, and only scored positions get
+logits. Requests sharing a context (the choices of a multiple-choice item) become one unit: the context
+followed by each continuation minus its last token, every continuation attending to the context and
+causally to itself (a block mask; position ids restart after the context), so the context's last
+position scores every continuation's first token. Units are sorted by length; a forward takes up to
+``batch_size`` rows as wide as its longest unit, and shorter units share a row (first fit), isolated by
+the same mask, so attention never spans more than that width. Log-softmax is taken in float32 at least
+(lm-eval takes it in the model's dtype, which for bf16 models differs). Models must accept a 4D
+attention mask and position ids (transformers' do).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quantarena.errors import DataError, ModelError
+
+# Padded tokens per forward (a longer unit gets a forward of its own): bounds activations and logits.
+ROW_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class Request:
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Score:
+    logprob: float  # summed log-probability of the continuation
+    greedy: bool  # every continuation token is the argmax (lm-eval's is_greedy)
+    last_greedy: bool  # the continuation's last token is the argmax
+    n_tokens: int
+
+
+@dataclass
+class Scored:
+    scores: list[Score]
+    n_forwards: int  # model calls: each reads every weight once
+    n_tokens_forwarded: int  # input positions computed, padding included
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    # The tokenizer's own default for special tokens, as lm-eval's HFLM (add_bos_token unset) does.
+    return list(tokenizer(text).input_ids)
+
+
+def encode_pair(tokenizer, context: str, continuation: str, prefix_token_id: int) -> Request:
+    """lm-eval's ``_encode_pair``: trailing spaces of the context move to the continuation, the pair is
+    tokenized whole and split after the context's own tokens; an empty context becomes the prefix token."""
+    if not context:
+        return Request((prefix_token_id,), tuple(_ids(tokenizer, continuation)))
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = _ids(tokenizer, context + continuation)
+    context_ids = _ids(tokenizer, context)
+    return Request(tuple(context_ids), tuple(whole[len(context_ids) :]))
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token lm-eval conditions an empty context on: BOS, else EOS (else, for tokenizers with neither,
+    the CLS token)."""
+    for candidate in ("bos_token_id", "eos_token_id", "cls_token_id"):
+        if getattr(tokenizer, candidate, None) is not None:
+            return getattr(tokenizer, candidate)
+    raise ModelError("the tokenizer has no BOS, EOS or CLS token to condition the first token of a text on")
+
+
+def model_max_length(config, tokenizer, default: int = 2048) -> int:
+    """lm-eval's ``resolve_max_length``: the text config's n_positions / max_position_embeddings / n_ctx,
+    else the tokenizer's model_max_length when it is set, else ``default``."""
+    cfg = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(cfg, attr, None) is not None:
+            return int(getattr(cfg, attr))
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit is not None and limit < int(1e29) else default
+
+
+def _fit(request: Request, max_length: int) -> Request:
+    """lm-eval's left truncation: the model sees at most ``max_length`` positions."""
+    if not request.continuation:
+        raise DataError("a log-likelihood request has an empty continuation")
+    if len(request.continuation) > max_length:
+        raise DataError(f"a continuation of {len(request.continuation)} tokens exceeds max_length {max_length}")
+    keep = max_length + 1 - len(request.continuation)
+    return request if len(request.context) <= keep else Request(request.context[-keep:], request.continuation)
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    # Half-precision logits are widened: a bf16 log-softmax loses the small differences between choices.
+    return F.log_softmax(logits.float() if logits.element_size() < 4 else logits, dim=-1)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """A distinct context and the requests continuing it, laid out as context + every continuation but its
+    last token (the last one is only ever a target)."""
+
+    context: tuple[int, ...]
+    requests: tuple[int, ...]
+    length: int
+
+
+def _units(requests: list[Request]) -> list[_Unit]:
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        by_context.setdefault(r.context, []).append(i)
+    units = [
+        _Unit(c, tuple(ids), len(c) + sum(len(requests[i].continuation) - 1 for i in ids))
+        for c, ids in by_context.items()
+    ]
+    return sorted(units, key=lambda u: -u.length)
+
+
+def _packs(units: list[_Unit], batch_size: int) -> list[list[list[_Unit]]]:
+    """Forwards of up to ``batch_size`` rows (and ROW_TOKENS padded tokens), each row as wide as the
+    forward's longest unit and filled first-fit with the shorter ones that follow (longest first)."""
+    forwards: list[list[list[_Unit]]] = []
+    for unit in units:
+        rows = forwards[-1] if forwards else None
+        if rows:
+            width = rows[0][0].length
+            free = next((r for r in rows if sum(u.length for u in r) + unit.length <= width), None)
+            if free is not None:
+                free.append(unit)
+                continue
+            if len(rows) < batch_size and (len(rows) + 1) * width <= ROW_TOKENS:
+                rows.append([unit])
+                continue
+        forwards.append([[unit]])
+    return forwards
+
+
+class _Model:
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.dtype = getattr(model, "dtype", torch.float32)
+        self.n_forwards = self.n_tokens = 0
+
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor):
+        """Logits at positions ``keep`` of every row; ``allowed[r, q, k]``: may position q attend to k."""
+        self.n_forwards += 1
+        self.n_tokens += ids.numel()
+        dtype = self.dtype if self.dtype.is_floating_point else torch.float32
+        # Additive, so eager attention (which adds the mask) and SDPA both take it as is.
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask[:, None]}
+        if self.keeps_logits:
+            return self.model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        return self.model(**inputs, use_cache=False).logits[:, keep]
+
+
+def score(
+    model: torch.nn.Module,
+    requests: Sequence[Request],
+    *,
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> Scored:
+    """Score every request; results come back in request order."""
+    fitted = [_fit(r, max_length) for r in requests]
+    runner = _Model(model, device)
+    scores: list[Score | None] = [None] * len(fitted)
+    done = 0
+    with torch.inference_mode():
+        for pack in _packs(_units(fitted), batch_size):
+            for i, s in _score_pack(runner, pack, fitted).items():
+                scores[i] = s
+            done += sum(len(u.requests) for row in pack for u in row)
+            if progress:
+                progress(done, len(fitted))
+    return Scored(scores, runner.n_forwards, runner.n_tokens)  # type: ignore[arg-type]
+
+
+def _causal(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril()
+
+
+def _score_pack(runner: _Model, rows: list[list[_Unit]], requests: list[Request]) -> dict[int, Score]:
+    """One forward. In a row, each unit's context attends causally to itself, each continuation to its
+    context and causally to itself; nothing attends across units or continuations, or to padding."""
+    width = rows[0][0].length
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    # Padding attends to itself only: no row of the mask is empty (an all-masked softmax is NaN).
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
+    scored_at: dict[int, tuple[int, list[int]]] = {}  # request -> (row, positions predicting its tokens)
+    for row, units in enumerate(rows):
+        start = 0
+        for unit in units:
+            n = len(unit.context)
+            ids[row, start : start + n] = torch.tensor(unit.context)
+            positions[row, start : start + n] = torch.arange(n)
+            allowed[row, start : start + n, start : start + n] = _causal(n)
+            at = start + n
+            for i in unit.requests:
+                k = len(requests[i].continuation) - 1
+                ids[row, at : at + k] = torch.tensor(requests[i].continuation[:-1], dtype=torch.long)
+                positions[row, at : at + k] = n + torch.arange(k)
+                allowed[row, at : at + k, start : start + n] = True
+                allowed[row, at : at + k, at : at + k] = _causal(k)
+                scored_at[i] = (row, [start + n - 1, *range(at, at + k)])
+                at += k
+            start = at
+    keep = torch.tensor(sorted({p for _, ps in scored_at.values() for p in ps}))
+    dev = runner.device
+    logprobs = _log_softmax(runner.logits(ids.to(dev), positions.to(dev), allowed.to(dev), keep.to(dev)))
+    order = list(scored_at)
+    row_of = torch.tensor([scored_at[i][0] for i in order for _ in scored_at[i][1]], device=dev)
+    column = torch.searchsorted(keep, torch.tensor([p for i in order for p in scored_at[i][1]])).to(dev)
+    targets = torch.tensor([t for i in order for t in requests[i].continuation], device=dev)
+    scored = logprobs[row_of, column]
+    picked = scored[torch.arange(len(targets), device=dev), targets].tolist()
+    hits = (scored.argmax(-1) == targets).tolist()
+    out, at = {}, 0
+    for i in order:
+        m = len(requests[i].continuation)
+        out[i] = Score(float(sum(picked[at : at + m])), all(hits[at : at + m]), hits[at + m - 1], m)
+        at += m
+    return out

@@ -1,0 +1,201 @@
+"""The log-likelihood scorer, the metric definitions and the divergence pieces, on tiny random models."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import entropy
+
+from quantarena import loglik
+from quantarena.divergence import ReferenceCache, flipped_predictions, summarize, token_divergence
+from quantarena.results import CellResult
+from quantarena.stats import accuracy_stderr
+from quantarena.tasks.base import TaskConfig
+from quantarena.tasks.multiple_choice import pooled_stderr, predictions
+from quantarena.tasks.wikitext import documents, rolling_requests
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_llama_dir):
+    """float64, so the cached and the full computation agree to ~1e-12 and greedy flags are exact."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64).eval()
+
+
+def direct(model, request: loglik.Request, max_length: int) -> tuple[float, bool, bool]:
+    """lm-eval's own recipe: one forward of (context + continuation)[-(max_length+1):][:-1]."""
+    tokens = list(request.context + request.continuation)[-(max_length + 1) :]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([tokens[:-1]])).logits[0], -1)
+    n = len(request.continuation)
+    targets = torch.tensor(request.continuation)
+    scored = logprobs[-n:]
+    hits = scored.argmax(-1) == targets
+    return scored.gather(-1, targets[:, None]).sum().item(), bool(hits.all()), bool(hits[-1])
+
+
+def requests_with_shared_contexts(seed: int = 0) -> list[loglik.Request]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> tuple[int, ...]:
+        return tuple(torch.randint(5, 3000, (n,), generator=gen).tolist())
+
+    out = []
+    for length in (3, 17, 9, 17, 1, 30):
+        context = ids(length)
+        out += [loglik.Request(context, ids(k)) for k in (1, 4, 2, 7)]
+    return out
+
+
+@pytest.mark.parametrize(("batch_size", "max_length"), [(1, 64), (2, 64), (8, 64), (3, 12)])
+def test_scorer_equals_direct_computation(tiny_lm, batch_size, max_length):
+    requests = requests_with_shared_contexts()
+    # Duplicates of a greedy continuation, so the greedy flags are not all False.
+    context = requests[0].context
+    with torch.no_grad():
+        greedy_token = tiny_lm(torch.tensor([context])).logits[0, -1].argmax().item()
+    requests.append(loglik.Request(context, (greedy_token,)))
+    scored = loglik.score(tiny_lm, requests, batch_size=batch_size, max_length=max_length, device=torch.device("cpu"))
+    for request, score in zip(requests, scored.scores, strict=True):
+        logprob, greedy, last_greedy = direct(tiny_lm, request, max_length)
+        assert score.logprob == pytest.approx(logprob, abs=1e-9)
+        assert (score.greedy, score.last_greedy) == (greedy, last_greedy)
+    assert scored.scores[-1].greedy
+
+
+def test_each_context_is_forwarded_once(tiny_lm):
+    requests = requests_with_shared_contexts()
+    scored = loglik.score(tiny_lm, requests, batch_size=64, max_length=64, device=torch.device("cpu"))
+    # A unit per context: the context once, then each continuation but its last token.
+    units = {r.context: len(r.context) for r in requests}
+    for r in requests:
+        units[r.context] += len(r.continuation) - 1
+    widest = max(units.values())
+    assert scored.n_forwards == 1
+    # Rows as wide as the widest unit, shorter units sharing rows: less than one row per unit.
+    assert widest * 2 <= scored.n_tokens_forwarded < widest * len(units)
+    assert loglik.score(tiny_lm, requests, batch_size=1, max_length=64, device=torch.device("cpu")).n_forwards > 1
+
+
+def test_encode_pair_is_lm_evals():
+    class Chars:  # one token per character: boundaries are visible
+        bos_token_id, eos_token_id = None, 0
+
+        def __call__(self, text):
+            return type("Enc", (), {"input_ids": [ord(c) for c in text]})
+
+    tok = Chars()
+    assert loglik.encode_pair(tok, "Answer: ", "yes", 7) == loglik.Request(
+        tuple(map(ord, "Answer:")), (32, *map(ord, "yes"))
+    )
+    assert loglik.encode_pair(tok, "", "yes", loglik.prefix_token_id(tok)) == loglik.Request(
+        (0,), tuple(map(ord, "yes"))
+    )
+
+
+def test_continuation_longer_than_the_window_is_refused(tiny_lm):
+    from quantarena.errors import DataError
+
+    with pytest.raises(DataError, match="exceeds max_length 4"):
+        loglik.score(tiny_lm, [loglik.Request((1,), (2,) * 5)], batch_size=1, max_length=4, device=torch.device("cpu"))
+
+
+def test_acc_norm_divides_by_characters_and_ties_go_first():
+    # acc: -10 beats -12; acc_norm: -12 / 6 characters beats -10 / 2.
+    assert predictions([-10.0, -12.0], ("ab", "abcdef")) == (0, 1)
+    assert predictions([-3.0, -3.0, -5.0], ("a", "b", "c")) == (0, 0)
+
+
+def test_stderr_is_lm_evals_mean_stderr():
+    scores = [1, 0, 1, 1, 0, 1, 1]
+    expected = statistics.stdev(scores) / math.sqrt(len(scores))
+    assert accuracy_stderr(sum(scores) / len(scores), len(scores)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_pooled_stderr_is_lm_evals():
+    metrics = pytest.importorskip("lm_eval.api.metrics")
+    stderrs, sizes = [0.1, 0.05, 0.2], [10, 40, 5]
+    assert pooled_stderr(stderrs, sizes) == pytest.approx(metrics.pooled_sample_stderr(stderrs, sizes), rel=1e-12)
+
+
+def test_rolling_windows_are_lm_evals():
+    utils = pytest.importorskip("lm_eval.utils")
+    for n_tokens, max_length in [(1, 4), (4, 4), (5, 4), (11, 4), (23, 7)]:
+        tokens = list(range(100, 100 + n_tokens))
+        theirs = [
+            utils.make_disjoint_window(w)
+            for w in utils.get_rolling_token_windows(tokens, prefix_token=1, max_seq_len=max_length, context_len=1)
+        ]
+        ours = rolling_requests(tokens, 1, max_length)
+        assert [(list(r.context), list(r.continuation)) for r in ours] == theirs
+
+
+def test_documents_split_at_top_level_headings():
+    raw = " \n = A = \n \n text a \n = = Sub = = \n more \n = B = \n text b \n"
+    pages = documents(raw)
+    assert [p.splitlines()[0].strip() for p in pages] == ["= A =", "= B ="]
+    assert "= = Sub = =" in pages[0]
+
+
+def test_limit_takes_the_first_n_or_a_seeded_sample():
+    items = list(range(100))
+    assert TaskConfig(limit=5).select(items) == [0, 1, 2, 3, 4]
+    sample = TaskConfig(limit=10, limit_seed=3).select(items)
+    assert sample == sorted(sample) and len(set(sample)) == 10 and sample != items[:10]
+    assert TaskConfig(limit=10, limit_seed=3).select(items) == sample
+    assert TaskConfig(limit=10, limit_seed=4).select(items) != sample
+    assert TaskConfig().select(items) == items and TaskConfig(limit=500).select(items) == items
+
+
+def test_kl_matches_scipy_and_top1_flags():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(6, 50, generator=gen, dtype=torch.float64), -1)
+    q = torch.log_softmax(p + 0.3 * torch.randn(6, 50, generator=gen, dtype=torch.float64), -1)
+    kl, same = token_divergence(p, q)
+    expected = [entropy(p[i].exp().numpy(), q[i].exp().numpy()) for i in range(6)]
+    assert kl.double().numpy() == pytest.approx(expected, rel=1e-5)
+    assert same.tolist() == (p.argmax(-1) == q.argmax(-1)).tolist()
+    zero, all_same = token_divergence(p, p)
+    assert zero.abs().max() < 1e-6 and all_same.all()
+
+
+def test_summary_of_a_variant():
+    rng = np.random.default_rng(0)
+    kl = rng.exponential(0.01, 1000)
+    nll_ref = rng.normal(3.0, 1.0, 1000)
+    nll = nll_ref + rng.normal(0.02, 0.05, 1000)
+    same = rng.random(1000) < 0.9
+    s = summarize(kl, same, nll_ref, nll)
+    assert s["kl_mean"] == pytest.approx(kl.mean()) and s["kl_p99"] == pytest.approx(np.percentile(kl, 99))
+    assert s["kl_median"] == pytest.approx(np.median(kl))
+    assert s["top1_agreement"] == pytest.approx(same.mean())
+    assert s["delta_perplexity"] == pytest.approx(math.exp(nll.mean()) - math.exp(nll_ref.mean()))
+    assert s["ln_ppl_ratio"] == pytest.approx((nll - nll_ref).mean())
+    # Paired: the Δ's uncertainty is far below either perplexity's own.
+    alone = math.exp(nll.mean()) * nll.std(ddof=1) / math.sqrt(1000)
+    assert 0 < s["delta_perplexity_stderr"] < alone / 5
+    identical = summarize(np.zeros(10), np.ones(10, bool), nll_ref[:10], nll_ref[:10])
+    assert identical["delta_perplexity"] == 0 and identical["delta_perplexity_stderr"] == 0
+
+
+def test_flipped_predictions_pair_on_the_same_examples():
+    def cell(predictions, labels=(0, 1, 2, 1)):
+        return CellResult("m", "x", "t", "ok", per_example={"predictions": predictions, "labels": list(labels)})
+
+    assert flipped_predictions(cell([0, 1, 2, 1]), cell([0, 2, 0, 1])) == 2
+    assert flipped_predictions(cell([0, 1, 2, 1]), cell([0, 1, 2, 1], labels=(1, 1, 1, 1))) is None
+    assert flipped_predictions(cell([0, 1]), cell([0, 1, 2, 1])) is None
+
+
+def test_reference_cache_round_trip(tmp_path):
+    cache = ReferenceCache(tmp_path / "div")
+    assert cache.get("k") is None
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    cache.put("k", data, {"model": "x"})
+    assert np.array_equal(cache.get("k"), data)
+    assert not [p for p in (tmp_path / "div").iterdir() if p.name.startswith(".")]
