@@ -115,3 +115,9 @@ def test_recommend_command(tmp_path, results):
     assert bad.exit_code == 2
     missing = CliRunner().invoke(app, ["recommend", str(tmp_path / "nope")])
     assert missing.exit_code == 2
+
+
+def test_a_drop_of_exactly_the_limit_meets_it():
+    exact = Results("fp32", {}, {}, [cell("fp32", 0.53, 400, 20.0), cell("bf16", 0.52, 200, 30.0)])
+    (rec,) = recommend(exact, Constraints(max_drop=1.0))  # 0.53 - 0.52 is 0.010000000000000009 in floats
+    assert rec.choice == "bf16"

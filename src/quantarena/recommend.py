@@ -93,7 +93,9 @@ def drop_of(cell: CellResult, baseline: CellResult) -> float:
     change = quality_change(
         cell.quality_metric, cell.metrics[cell.quality_metric], baseline.metrics[cell.quality_metric]
     )
-    return float(-change if cell.higher_is_better else change)
+    # Rounded so that float noise (0.53 - 0.52 = 0.010000000000000009) cannot put a drop of exactly
+    # the limit on the wrong side of it.
+    return round(float(-change if cell.higher_is_better else change), 9)
 
 
 def _candidate(cell: CellResult, baseline: CellResult | None, limits: Constraints) -> Candidate:
