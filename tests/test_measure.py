@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from quantarena.measure import dir_bytes, weight_bytes
+from quantarena.measure import dir_bytes, peak_rss_bytes, weight_bytes
 from quantarena.methods import METHODS
 from quantarena.methods.torch_dynamic import TorchDynamicInt8Config
 
@@ -42,3 +42,23 @@ def test_dir_bytes(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b").write_bytes(b"y" * 5)
     assert dir_bytes(tmp_path) == 15
+
+
+def _child_peak(queue) -> None:
+    queue.put(peak_rss_bytes())
+
+
+def test_a_spawned_cell_does_not_inherit_the_parents_peak_memory():
+    import multiprocessing as mp
+
+    ballast = bytearray(400 * 2**20)  # the sweep process after a fine-tune step, say
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_peak, args=(queue,))
+    child.start()
+    child_peak = queue.get(timeout=120)
+    child.join()
+    assert peak_rss_bytes() > 400 * 2**20
+    assert child_peak < peak_rss_bytes() - 300 * 2**20
+    del ballast
