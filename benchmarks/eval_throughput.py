@@ -9,6 +9,9 @@ comparison leans its way. The run also checks the numbers are identical: acc and
 largest per-request log-likelihood difference (float32 summation order).
 
     PYTHONPATH=src python benchmarks/eval_throughput.py --task arc_easy --limit 200 --task mmlu --limit 40
+
+MMLU is 0-shot unless ``--mmlu-shots`` says otherwise (both harnesses then prepend the subject's first dev
+examples, so every question of a subject shares that prefix).
 """
 
 from __future__ import annotations
@@ -44,8 +47,11 @@ def harness_task(name: str, data, data_dir: Path, limit: int) -> dict[str, harne
     }
 
 
-def bench(name: str, limit: int, ctx: EvalContext, model_dir: Path, data_dir: Path, repeats: int) -> dict:
-    options = {"limit": limit} | ({"subjects": MMLU_SUBJECTS} if name == "mmlu" else {})
+def bench(
+    name: str, limit: int, ctx: EvalContext, model_dir: Path, data_dir: Path, repeats: int, shots: int = 0
+) -> dict:
+    shots = shots if name == "mmlu" else 0
+    options = {"limit": limit} | ({"subjects": MMLU_SUBJECTS, "num_fewshot": shots} if name == "mmlu" else {})
     task = TASKS.get(name)(TASKS.get(name).Config(**options), data_dir)
     data = task.load()
     tasks = harness_task(name, data, data_dir, limit)
@@ -55,7 +61,7 @@ def bench(name: str, limit: int, ctx: EvalContext, model_dir: Path, data_dir: Pa
         start = time.perf_counter()
         ours = task.evaluate(ctx, data)
         ours_times.append(time.perf_counter() - start)
-        theirs = harness.run(tasks, model_dir, batch_size=ctx.batch_size)
+        theirs = harness.run(tasks, model_dir, batch_size=ctx.batch_size, num_fewshot=shots or None)
         their_times.append(theirs.scoring_s)
     ours_s, their_s = min(ours_times), min(their_times)
     their_logliks = [ll for t in tasks for doc in theirs.responses[t] for ll, _ in doc]
@@ -72,6 +78,7 @@ def bench(name: str, limit: int, ctx: EvalContext, model_dir: Path, data_dir: Pa
     )
     return {
         "task": name,
+        "num_fewshot": shots,
         "n_examples": n,
         "n_requests": len(mine),
         "batch_size": ctx.batch_size,
@@ -95,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", action="append", choices=["arc_easy", "arc_challenge", "mmlu", "hellaswag"])
     parser.add_argument("--limit", action="append", type=int, help="per --task (MMLU: per subject)")
+    parser.add_argument("--mmlu-shots", type=int, default=0, choices=range(6), help="MMLU's few-shot examples")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each; the fastest is kept")
@@ -113,7 +121,7 @@ def main() -> None:
     rows = []
     for name, limit in zip(names, limits, strict=True):
         load_before = os.getloadavg()[0]
-        row = bench(name, limit, ctx, Path(resolved.path), resolve_data_dir(), args.repeats)
+        row = bench(name, limit, ctx, Path(resolved.path), resolve_data_dir(), args.repeats, args.mmlu_shots)
         row["load_average_1min"] = [load_before, os.getloadavg()[0]]
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)

@@ -49,7 +49,8 @@ def agreement(smollm2, data_dir):
     ours = {
         "arc_easy": run_ours("arc_easy", ctx, data_dir, limit=6),
         "mmlu": run_ours("mmlu", ctx, data_dir, subjects=SUBJECTS, limit=2),
-        "mmlu_5shot": run_ours("mmlu", ctx, data_dir, subjects=SUBJECTS[:1], limit=1, num_fewshot=5),
+        # Several questions per subject, so that each subject's few-shot prefix is computed once and shared.
+        "mmlu_5shot": run_ours("mmlu", ctx, data_dir, subjects=SUBJECTS, limit=3, num_fewshot=5),
         "hellaswag": run_ours("hellaswag", ctx, data_dir, limit=3),
         "lambada": run_ours("lambada", ctx, data_dir, limit=6),
         "wikitext": run_ours("wikitext", ctx, data_dir, limit=1, sliding_window=False),
@@ -63,12 +64,13 @@ def agreement(smollm2, data_dir):
     tasks = {
         "q_arc_easy": harness.arc(arc_records),
         **{f"q_mmlu_{s}": harness.mmlu_subject(s, *subject(s, 2)) for s in SUBJECTS},
-        "q_mmlu5": harness.mmlu_subject(SUBJECTS[0], *subject(SUBJECTS[0], 1)),
+        **{f"q_mmlu5_{s}": harness.mmlu_subject(s, *subject(s, 3)) for s in SUBJECTS},
         "q_hellaswag": harness.hellaswag(ours["hellaswag"][1]),
         "q_lambada": harness.lambada([p.text for p in ours["lambada"][1]]),
         "q_wikitext": harness.wikitext([d.page for d in ours["wikitext"][1].documents]),
     }
-    tasks["q_mmlu5"].overrides["num_fewshot"] = 5
+    for s in SUBJECTS:
+        tasks[f"q_mmlu5_{s}"].overrides["num_fewshot"] = 5
     theirs = harness.run(tasks, path, batch_size=BATCH, max_length=MAX_LENGTH)
     return ours, theirs
 
@@ -94,8 +96,8 @@ def test_multiple_choice_matches(agreement, ours, theirs):
     assert mine.metrics["acc_norm_stderr"] == pytest.approx(result["acc_norm_stderr,none"], rel=1e-9)
 
 
-def test_mmlu_zero_and_five_shot_match(agreement):
-    ours, lm = agreement
+def test_mmlu_zero_and_five_shot_match(agreement, smollm2):
+    (ours, lm), (_, ctx) = agreement, smollm2
     mmlu = ours["mmlu"][2]
     theirs = [r for s in SUBJECTS for r in lm.responses[f"q_mmlu_{s}"]]
     assert_logliks([x for lp in mmlu.per_example["choice_logprobs"] for x in lp], flat(theirs))
@@ -105,8 +107,14 @@ def test_mmlu_zero_and_five_shot_match(agreement):
     weighted = sum(lm.metrics[f"q_mmlu_{s}"]["acc,none"] * len(lm.responses[f"q_mmlu_{s}"]) for s in SUBJECTS) / n
     assert mmlu.metrics["acc"] == pytest.approx(weighted, abs=1e-12)
     five = ours["mmlu_5shot"][2]
-    assert_logliks([x for lp in five.per_example["choice_logprobs"] for x in lp], flat(lm.responses["q_mmlu5"]))
-    assert five.metrics["acc"] == lm.metrics["q_mmlu5"]["acc,none"]
+    theirs = [r for s in SUBJECTS for r in lm.responses[f"q_mmlu5_{s}"]]
+    assert_logliks([x for lp in five.per_example["choice_logprobs"] for x in lp], flat(theirs))
+    for s in SUBJECTS:
+        assert five.metrics["subjects"][s]["acc"] == lm.metrics[f"q_mmlu5_{s}"]["acc,none"]
+    # Each subject's prompts share their first ~300 tokens (description and 5 examples), forwarded once for
+    # its 3 questions: far fewer positions than the contexts hold (without sharing, at least as many).
+    contexts = sum(len(ctx.tokenizer(q.context).input_ids) for q in ours["mmlu_5shot"][1])
+    assert five.metrics["n_tokens_forwarded"] < 0.6 * contexts
 
 
 def test_lambada_matches(agreement):

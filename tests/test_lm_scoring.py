@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 
@@ -80,6 +81,82 @@ def test_each_context_is_forwarded_once(tiny_lm):
     # Rows as wide as the widest unit, shorter units sharing rows: less than one row per unit.
     assert widest * 2 <= scored.n_tokens_forwarded < widest * len(units)
     assert loglik.score(tiny_lm, requests, batch_size=1, max_length=64, device=torch.device("cpu")).n_forwards > 1
+
+
+def requests_with_shared_prefixes(seed: int = 1) -> list[loglik.Request]:
+    """Few-shot-like: three long heads, each continued by several questions, one of them a single token and
+    one empty (the context is the head itself); contexts sharing no long prefix; and one sharing the first
+    head until left truncation to 150 positions cuts into it."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> tuple[int, ...]:
+        return tuple(torch.randint(5, 3000, (n,), generator=gen).tolist())
+
+    out = []
+    for head, questions in ((ids(90), (1, 12, 30, 5)), (ids(70), (8, 0, 2)), (ids(140), (10, 10, 25))):
+        for n in questions:
+            out += [loglik.Request(head + ids(n), ids(k)) for k in (1, 3, 2)]
+    out += [loglik.Request(ids(n), ids(k)) for n, k in ((40, 2), (3, 1), (100, 4))]
+    out.append(loglik.Request(out[0].context + ids(100), (11, 12)))
+    return out
+
+
+@pytest.mark.parametrize(("batch_size", "max_length"), [(1, 512), (3, 512), (64, 512), (4, 150)])
+def test_shared_prefixes_score_as_whole_contexts(tiny_lm, monkeypatch, batch_size, max_length):
+    requests = requests_with_shared_prefixes()
+    cpu = torch.device("cpu")
+    shared = loglik.score(tiny_lm, requests, batch_size=batch_size, max_length=max_length, device=cpu)
+    for request, score in zip(requests, shared.scores, strict=True):
+        logprob, greedy, last_greedy = direct(tiny_lm, request, max_length)
+        assert score.logprob == pytest.approx(logprob, abs=1e-9)
+        assert (score.greedy, score.last_greedy) == (greedy, last_greedy)
+    monkeypatch.setattr(loglik, "SHARED_PREFIX", 10**6)
+    whole = loglik.score(tiny_lm, requests, batch_size=batch_size, max_length=max_length, device=cpu)
+    assert shared.n_tokens_forwarded < whole.n_tokens_forwarded
+
+
+@pytest.mark.parametrize(
+    ("max_length", "prefixes"),
+    [
+        # The second head is 70 tokens, but one context is that head itself: its last position must be
+        # computed with its continuations, so 69 are shared.
+        (512, [69, 90, 140]),
+        # Truncation: the longest context no longer starts with the first head; the third head's contexts
+        # lose 0, 1 or 2 tokens by continuation length (a group for each) and 15 to 17 for its longest
+        # question (alone in its group: none).
+        (150, [69, 90, 138, 139, 140]),
+    ],
+)
+def test_each_shared_prefix_is_forwarded_once(tiny_lm, monkeypatch, max_length, prefixes):
+    calls = []  # (input shape, cached positions) per model call
+    forward = tiny_lm.forward
+
+    @functools.wraps(forward)
+    def spy(input_ids, past_key_values=None, **kwargs):
+        calls.append((tuple(input_ids.shape), 0 if past_key_values is None else past_key_values.get_seq_length()))
+        return forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+
+    monkeypatch.setattr(tiny_lm, "forward", spy)
+    requests = requests_with_shared_prefixes()
+    scored = loglik.score(tiny_lm, requests, batch_size=3, max_length=max_length, device=torch.device("cpu"))
+    # The forwards continuing a prefix follow the one computing it, alone.
+    first = [i for i, (_, past) in enumerate(calls) if past and calls[i - 1][1] != past]
+    assert sorted(calls[i][1] for i in first) == prefixes
+    assert all(calls[i - 1] == ((1, calls[i][1]), 0) for i in first)
+    assert scored.n_forwards == len(calls)
+    assert scored.n_tokens_forwarded == sum(rows * width for (rows, width), _ in calls)
+
+
+def test_shared_prefix_with_eager_attention(tiny_llama_dir):
+    """Eager attention adds the mask to the scores itself; SDPA (the default) takes it as an argument. (The
+    eager softmax is float32: agreement to ~1e-8, where a wrong mask or position is off by far more.)"""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64, attn_implementation="eager")
+    requests = requests_with_shared_prefixes()
+    scored = loglik.score(model.eval(), requests, batch_size=3, max_length=512, device=torch.device("cpu"))
+    for request, score in zip(requests, scored.scores, strict=True):
+        assert score.logprob == pytest.approx(direct(model, request, 512)[0], abs=1e-6)
 
 
 def test_encode_pair_is_lm_evals():

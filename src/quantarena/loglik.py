@@ -10,9 +10,15 @@ followed by each continuation minus its last token, every continuation attending
 causally to itself (a block mask; position ids restart after the context), so the context's last
 position scores every continuation's first token. Units are sorted by length; a forward takes up to
 ``batch_size`` rows as wide as its longest unit, and shorter units share a row (first fit), isolated by
-the same mask, so attention never spans more than that width. Log-softmax is taken in float32 at least
-(lm-eval takes it in the model's dtype, which for bf16 models differs). Models must accept a 4D
-attention mask and position ids (transformers' do).
+the same mask, so attention never spans more than that width.
+
+Contexts that begin with the same long prefix (the description and examples of few-shot prompts) compute it
+once: sorted, neighbouring contexts that share at least ``SHARED_PREFIX`` tokens form a group, the group's
+common prefix (kept shorter than its every context) is run alone once for its keys and values, and the
+group's units, stripped of it, are packed as above with that cache expanded to every row, each real position
+attending to the whole prefix and position ids continuing after it. Log-softmax is taken in float32 at least
+(lm-eval takes it in the model's dtype, which for bf16 models differs). Models must accept a 4D attention
+mask, position ids and a transformers ``Cache`` (transformers' do).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from quantarena.errors import DataError, ModelError
 
 # Padded tokens per forward (a longer unit gets a forward of its own): bounds activations and logits.
 ROW_TOKENS = 2048
+# Contexts sharing a prefix this long compute it once: shorter ones cost a forward of their own for little.
+SHARED_PREFIX = 64
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,14 @@ def _packs(units: list[_Unit], batch_size: int) -> list[list[list[_Unit]]]:
     return forwards
 
 
+@dataclass(frozen=True)
+class _Prefix:
+    """Keys and values, per layer, of tokens every row of a forward continues."""
+
+    length: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
 class _Model:
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model, self.device = model, device
@@ -151,18 +167,80 @@ class _Model:
         self.dtype = getattr(model, "dtype", torch.float32)
         self.n_forwards = self.n_tokens = 0
 
-    def logits(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor):
-        """Logits at positions ``keep`` of every row; ``allowed[r, q, k]``: may position q attend to k."""
+    def _forward(self, ids: torch.Tensor, keep: torch.Tensor, **inputs):
+        """One model call; logits at positions ``keep`` only, and the call's cache."""
         self.n_forwards += 1
         self.n_tokens += ids.numel()
+        if self.keeps_logits:
+            out = self.model(input_ids=ids, logits_to_keep=keep, **inputs)
+            return out.logits, out.past_key_values
+        out = self.model(input_ids=ids, **inputs)
+        return out.logits[:, keep], out.past_key_values
+
+    def prefix(self, ids: tuple[int, ...]) -> _Prefix:
+        from transformers import DynamicCache
+
+        # A cache built without the model's config keeps every position of every layer. Only the keys and
+        # values are wanted: one position's logits are the least the model computes.
+        tokens, last = torch.tensor([ids], device=self.device), torch.tensor([len(ids) - 1], device=self.device)
+        _, cache = self._forward(tokens, last, past_key_values=DynamicCache(), use_cache=True)
+        return _Prefix(len(ids), [(k, v) for k, v, *_ in cache])
+
+    def logits(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        allowed: torch.Tensor,
+        keep: torch.Tensor,
+        prefix: _Prefix | None = None,
+    ):
+        """Logits at positions ``keep`` of every row; ``allowed[r, q, k]``: may position q attend to k, where
+        keys are ``prefix``'s positions (if any) followed by the row's own."""
         dtype = self.dtype if self.dtype.is_floating_point else torch.float32
         # Additive, so eager attention (which adds the mask) and SDPA both take it as is.
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask[:, None]}
-        if self.keeps_logits:
-            return self.model(**inputs, logits_to_keep=keep, use_cache=False).logits
-        return self.model(**inputs, use_cache=False).logits[:, keep]
+        # use_cache with a prefix: some models read past_key_values only then.
+        inputs = {"position_ids": positions, "attention_mask": mask[:, None], "use_cache": prefix is not None}
+        if prefix is not None:
+            from transformers import DynamicCache
+
+            # A fresh cache per forward: the forward appends its own keys to it (a copy; the prefix's stay
+            # as they are for the next forward).
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(prefix.kv):
+                cache.update(k.expand(len(ids), -1, -1, -1), v.expand(len(ids), -1, -1, -1), layer)
+            inputs["past_key_values"] = cache
+        return self._forward(ids, keep, **inputs)[0]
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def _groups(units: list[_Unit]) -> list[tuple[tuple[int, ...], list[_Unit]]]:
+    """(shared prefix, units stripped of it, longest first): one per group of units whose contexts begin with
+    at least ``SHARED_PREFIX`` common tokens, then ``()`` and the units left whole. Sorted, contexts with a
+    common prefix are neighbours; a run of neighbours sharing ``SHARED_PREFIX`` tokens is a group, and what
+    all of it shares is what its first and last context share. The prefix stays shorter than each context: a
+    context's last position scores its continuations' first tokens, so it must be computed with the unit."""
+    ordered = sorted(units, key=lambda u: u.context)
+    runs: list[list[_Unit]] = []
+    for before, unit in zip([None, *ordered], ordered, strict=False):
+        if before and _common(before.context, unit.context) >= SHARED_PREFIX:
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    groups, whole = [], []
+    for run in runs:
+        n = min(_common(run[0].context, run[-1].context), *(len(u.context) - 1 for u in run))
+        if len(run) == 1 or n < SHARED_PREFIX:
+            whole += run
+            continue
+        stripped = [_Unit(u.context[n:], u.requests, u.length - n) for u in run]
+        groups.append((run[0].context[:n], sorted(stripped, key=lambda u: -u.length)))
+    return [*groups, ((), sorted(whole, key=lambda u: -u.length))]
 
 
 def score(
@@ -180,12 +258,14 @@ def score(
     scores: list[Score | None] = [None] * len(fitted)
     done = 0
     with torch.inference_mode():
-        for pack in _packs(_units(fitted), batch_size):
-            for i, s in _score_pack(runner, pack, fitted).items():
-                scores[i] = s
-            done += sum(len(u.requests) for row in pack for u in row)
-            if progress:
-                progress(done, len(fitted))
+        for shared, units in _groups(_units(fitted)):
+            prefix = runner.prefix(shared) if shared else None
+            for pack in _packs(units, batch_size):
+                for i, s in _score_pack(runner, pack, fitted, prefix).items():
+                    scores[i] = s
+                done += sum(len(u.requests) for row in pack for u in row)
+                if progress:
+                    progress(done, len(fitted))
     return Scored(scores, runner.n_forwards, runner.n_tokens)  # type: ignore[arg-type]
 
 
@@ -193,15 +273,20 @@ def _causal(n: int) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool).tril()
 
 
-def _score_pack(runner: _Model, rows: list[list[_Unit]], requests: list[Request]) -> dict[int, Score]:
+def _score_pack(
+    runner: _Model, rows: list[list[_Unit]], requests: list[Request], prefix: _Prefix | None = None
+) -> dict[int, Score]:
     """One forward. In a row, each unit's context attends causally to itself, each continuation to its
-    context and causally to itself; nothing attends across units or continuations, or to padding."""
+    context and causally to itself; nothing attends across units or continuations, or to padding. With a
+    ``prefix`` (the part of every unit's context it holds), every real position also attends to all of it."""
     width = rows[0][0].length
+    offset = prefix.length if prefix else 0
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     positions = torch.zeros(len(rows), width, dtype=torch.long)
     # Padding attends to itself only: no row of the mask is empty (an all-masked softmax is NaN).
     allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
     scored_at: dict[int, tuple[int, list[int]]] = {}  # request -> (row, positions predicting its tokens)
+    used = []  # real (non-padding) positions per row
     for row, units in enumerate(rows):
         start = 0
         for unit in units:
@@ -219,9 +304,14 @@ def _score_pack(runner: _Model, rows: list[list[_Unit]], requests: list[Request]
                 scored_at[i] = (row, [start + n - 1, *range(at, at + k)])
                 at += k
             start = at
+        used.append(start)
+    if prefix is not None:
+        real = torch.arange(width) < torch.tensor(used)[:, None]
+        allowed = torch.cat([real[:, :, None].expand(-1, -1, offset), allowed], dim=-1)
     keep = torch.tensor(sorted({p for _, ps in scored_at.values() for p in ps}))
     dev = runner.device
-    logprobs = _log_softmax(runner.logits(ids.to(dev), positions.to(dev), allowed.to(dev), keep.to(dev)))
+    inputs = (ids.to(dev), (positions + offset).to(dev), allowed.to(dev), keep.to(dev))
+    logprobs = _log_softmax(runner.logits(*inputs, prefix))
     order = list(scored_at)
     row_of = torch.tensor([scored_at[i][0] for i in order for _ in scored_at[i][1]], device=dev)
     column = torch.searchsorted(keep, torch.tensor([p for i in order for p in scored_at[i][1]])).to(dev)
