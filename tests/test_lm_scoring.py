@@ -83,6 +83,37 @@ def test_each_context_is_forwarded_once(tiny_lm):
     assert loglik.score(tiny_lm, requests, batch_size=1, max_length=64, device=torch.device("cpu")).n_forwards > 1
 
 
+class NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes no ``logits_to_keep``; its output head exposed or not."""
+
+    def __init__(self, model, expose_head: bool):
+        super().__init__()
+        self.inner, self.dtype = model, model.dtype
+        if expose_head:
+            self.get_output_embeddings = model.get_output_embeddings
+
+    def forward(self, **inputs):
+        return self.inner(**inputs)
+
+
+def test_only_the_scored_positions_reach_the_output_head(tiny_lm):
+    requests = requests_with_shared_contexts()
+    seen = []
+    hook = tiny_lm.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    try:
+        scored = loglik.score(tiny_lm, requests, batch_size=3, max_length=64, device=torch.device("cpu"))
+    finally:
+        hook.remove()
+    assert sum(shape[1] for shape in seen) == sum(len(r.continuation) for r in requests)
+    assert all(shape[0] == 1 for shape in seen) and len(seen) == scored.n_forwards
+    # Without logits_to_keep, with or without a reachable head: the same scores.
+    for expose_head in (True, False):
+        model = NoLogitsToKeep(tiny_lm, expose_head)
+        plain = loglik.score(model, requests, batch_size=3, max_length=64, device=torch.device("cpu"))
+        assert [s.logprob for s in plain.scores] == pytest.approx([s.logprob for s in scored.scores], abs=1e-9)
+        assert [s.greedy for s in plain.scores] == [s.greedy for s in scored.scores]
+
+
 def requests_with_shared_prefixes(seed: int = 1) -> list[loglik.Request]:
     """Few-shot-like: three long heads, each continued by several questions, one of them a single token and
     one empty (the context is the head itself); contexts sharing no long prefix; and one sharing the first

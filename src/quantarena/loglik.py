@@ -168,14 +168,11 @@ class _Model:
         self.n_forwards = self.n_tokens = 0
 
     def _forward(self, ids: torch.Tensor, keep: torch.Tensor, **inputs):
-        """One model call; logits at positions ``keep`` only, and the call's cache."""
+        """One model call: its logits (at positions ``keep`` only, where the model can), and its cache."""
         self.n_forwards += 1
         self.n_tokens += ids.numel()
-        if self.keeps_logits:
-            out = self.model(input_ids=ids, logits_to_keep=keep, **inputs)
-            return out.logits, out.past_key_values
-        out = self.model(input_ids=ids, **inputs)
-        return out.logits[:, keep], out.past_key_values
+        out = self.model(input_ids=ids, **inputs, **({"logits_to_keep": keep} if self.keeps_logits else {}))
+        return out.logits, out.past_key_values
 
     def prefix(self, ids: tuple[int, ...]) -> _Prefix:
         from transformers import DynamicCache
@@ -192,10 +189,11 @@ class _Model:
         positions: torch.Tensor,
         allowed: torch.Tensor,
         keep: torch.Tensor,
+        at: tuple[torch.Tensor, torch.Tensor],
         prefix: _Prefix | None = None,
     ):
-        """Logits at positions ``keep`` of every row; ``allowed[r, q, k]``: may position q attend to k, where
-        keys are ``prefix``'s positions (if any) followed by the row's own."""
+        """Logits at the (row, position) pairs ``at``, all among positions ``keep``; ``allowed[r, q, k]``: may
+        position q attend to k, where keys are ``prefix``'s positions (if any) followed by the row's own."""
         dtype = self.dtype if self.dtype.is_floating_point else torch.float32
         # Additive, so eager attention (which adds the mask) and SDPA both take it as is.
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
@@ -211,7 +209,35 @@ class _Model:
             for layer, (k, v) in enumerate(prefix.kv):
                 cache.update(k.expand(len(ids), -1, -1, -1), v.expand(len(ids), -1, -1, -1), layer)
             inputs["past_key_values"] = cache
-        return self._forward(ids, keep, **inputs)[0]
+        return self._gathered(ids, keep, at, **inputs)
+
+    def _gathered(self, ids: torch.Tensor, keep: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor], **inputs):
+        """Logits at the (row, position) pairs ``at`` only, as an (n, vocab) tensor.
+
+        ``logits_to_keep`` keeps the same positions in every row, the union of what each row needs, which in
+        packed rows is most of them; so the output head is handed only the hidden states of the pairs wanted
+        (a pre-hook), the vocabulary-wide logits and log-softmax are computed for those alone, and what the
+        model does after its head (a soft cap, a scale) still applies, being elementwise."""
+        rows, positions = at
+        # Where each pair is in what the head is handed: its index among ``keep``, or its position.
+        columns = torch.searchsorted(keep, positions) if self.keeps_logits else positions
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        gathered = []
+
+        def gather(module, args):
+            hidden = args[0]
+            if gathered or hidden.dim() != 3 or hidden.shape[0] != len(ids):
+                return None  # not the call on the last hidden states: leave it alone
+            gathered.append(True)
+            return (hidden[rows, columns][None], *args[1:])
+
+        hook = head.register_forward_pre_hook(gather) if head is not None else None
+        try:
+            logits = self._forward(ids, keep, **inputs)[0]
+        finally:
+            if hook is not None:
+                hook.remove()
+        return logits[0] if gathered else logits[rows, columns]
 
 
 def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
@@ -310,13 +336,12 @@ def _score_pack(
         allowed = torch.cat([real[:, :, None].expand(-1, -1, offset), allowed], dim=-1)
     keep = torch.tensor(sorted({p for _, ps in scored_at.values() for p in ps}))
     dev = runner.device
-    inputs = (ids.to(dev), (positions + offset).to(dev), allowed.to(dev), keep.to(dev))
-    logprobs = _log_softmax(runner.logits(*inputs, prefix))
     order = list(scored_at)
     row_of = torch.tensor([scored_at[i][0] for i in order for _ in scored_at[i][1]], device=dev)
-    column = torch.searchsorted(keep, torch.tensor([p for i in order for p in scored_at[i][1]])).to(dev)
+    position = torch.tensor([p for i in order for p in scored_at[i][1]], device=dev)
+    inputs = (ids.to(dev), (positions + offset).to(dev), allowed.to(dev), keep.to(dev), (row_of, position))
+    scored = _log_softmax(runner.logits(*inputs, prefix))
     targets = torch.tensor([t for i in order for t in requests[i].continuation], device=dev)
-    scored = logprobs[row_of, column]
     picked = scored[torch.arange(len(targets), device=dev), targets].tolist()
     hits = (scored.argmax(-1) == targets).tolist()
     out, at = {}, 0
