@@ -83,7 +83,16 @@ def start_sweep(tmp_path: Path, model_dir: Path) -> tuple[list[str], dict, subpr
         "--method", "own-int8", "--task", "perplexity:max_tokens=120,max_length=40,stride=20",
     ]  # fmt: skip
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    sweep = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sweep = subprocess.Popen(
+        args,
+        env=env,
+        start_new_session=True,
+        # As from a terminal: a sweep started from a background job of a non-interactive shell (`pytest &`
+        # in a CI script) inherits SIGINT ignored, Python then installs no handler, and Ctrl-C does nothing.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and sweep.poll() is None:
         if (tmp_path / STORE_FILE).exists() and len(stored_rows(tmp_path)) == 1:
