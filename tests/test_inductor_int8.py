@@ -6,7 +6,6 @@ from functools import partial
 import pytest
 import torch
 from torch import nn
-from torch._dynamo.utils import counters
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from quantarena.errors import ModelError
@@ -32,6 +31,9 @@ def test_declares_cpu_only():
 
 @pytest.mark.slow
 def test_int8_graph_matches_fp32_counts_true_bytes_and_round_trips(tiny_bert_dir, data_dir, tmp_path):
+    # Imported here: torch._dynamo imports triton, which tests/test_kernels.py must import first (interpreted).
+    from torch._dynamo.utils import counters
+
     fp32 = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     calibration = partial(calibration_batches, tokenizer, data_dir, torch.device("cpu"))
