@@ -124,10 +124,8 @@ class InductorInt8Classifier(nn.Module):
 
 
 def check_classifier(model: nn.Module, config: InductorInt8Config) -> nn.Module:
-    architectures = getattr(getattr(model, "config", None), "architectures", None) or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) and not type(model).__name__.endswith(
-        "ForSequenceClassification"
-    ):
+    names = [*(getattr(getattr(model, "config", None), "architectures", None) or []), type(model).__name__]
+    if not any(name.endswith("ForSequenceClassification") for name in names):
         raise ModelError(f"inductor-int8 quantizes sequence classifiers only; this model is a {type(model).__name__}")
     if shutil.which("g++") is None and shutil.which("c++") is None:
         raise ModelError("inductor-int8 needs a C++ compiler (g++) for Inductor's CPU kernels")
