@@ -159,23 +159,47 @@ def test_shared_prefixes_score_as_whole_contexts(tiny_lm, monkeypatch, batch_siz
     ],
 )
 def test_each_shared_prefix_is_forwarded_once(tiny_lm, monkeypatch, max_length, prefixes):
+    assert computed_prefixes(tiny_lm, monkeypatch, requests_with_shared_prefixes(), max_length) == prefixes
+
+
+def computed_prefixes(model, monkeypatch, requests: list[loglik.Request], max_length: int) -> list[int]:
+    """The lengths of the prefixes scoring ``requests`` computed, checking each was computed once, alone, just
+    before the forwards that continue it, and the scorer's counters."""
     calls = []  # (input shape, cached positions) per model call
-    forward = tiny_lm.forward
+    forward = model.forward
 
     @functools.wraps(forward)
     def spy(input_ids, past_key_values=None, **kwargs):
         calls.append((tuple(input_ids.shape), 0 if past_key_values is None else past_key_values.get_seq_length()))
         return forward(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
 
-    monkeypatch.setattr(tiny_lm, "forward", spy)
-    requests = requests_with_shared_prefixes()
-    scored = loglik.score(tiny_lm, requests, batch_size=3, max_length=max_length, device=torch.device("cpu"))
-    # The forwards continuing a prefix follow the one computing it, alone.
+    monkeypatch.setattr(model, "forward", spy)
+    scored = loglik.score(model, requests, batch_size=3, max_length=max_length, device=torch.device("cpu"))
+    monkeypatch.undo()
     first = [i for i, (_, past) in enumerate(calls) if past and calls[i - 1][1] != past]
-    assert sorted(calls[i][1] for i in first) == prefixes
     assert all(calls[i - 1] == ((1, calls[i][1]), 0) for i in first)
     assert scored.n_forwards == len(calls)
     assert scored.n_tokens_forwarded == sum(rows * width for (rows, width), _ in calls)
+    return sorted(calls[i][1] for i in first)
+
+
+def test_a_common_opening_does_not_hide_longer_prefixes(tiny_lm, monkeypatch):
+    """MMLU's shape: every subject opens with the same line, then its own examples. Sharing the line alone
+    would save 12 positions per question; each subject's whole head saves far more."""
+    gen = torch.Generator().manual_seed(2)
+
+    def ids(n: int) -> tuple[int, ...]:
+        return tuple(torch.randint(5, 3000, (n,), generator=gen).tolist())
+
+    opening = ids(12)
+    requests = [
+        loglik.Request(head + ids(n), ids(1)) for head in (opening + ids(60), opening + ids(80)) for n in (4, 9, 6)
+    ]
+    requests += [loglik.Request(opening + ids(n), ids(2)) for n in (30, 20)]
+    assert computed_prefixes(tiny_lm, monkeypatch, requests, 512) == [72, 92]
+    scored = loglik.score(tiny_lm, requests, batch_size=3, max_length=512, device=torch.device("cpu"))
+    for request, score in zip(requests, scored.scores, strict=True):
+        assert score.logprob == pytest.approx(direct(tiny_lm, request, 512)[0], abs=1e-9)
 
 
 def test_shared_prefix_with_eager_attention(tiny_llama_dir):

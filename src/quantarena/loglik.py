@@ -24,6 +24,7 @@ mask, position ids and a transformers ``Cache`` (transformers' do).
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,8 +35,9 @@ from quantarena.errors import DataError, ModelError
 
 # Padded tokens per forward (a longer unit gets a forward of its own): bounds activations and logits.
 ROW_TOKENS = 2048
-# Contexts sharing a prefix this long compute it once: shorter ones cost a forward of their own for little.
-SHARED_PREFIX = 64
+# Contexts sharing a prefix this long compute it once (0-shot MMLU's one-line subject description, ~15 tokens,
+# is worth sharing: 1.27x -> 1.55x lm-eval); shorter ones would cost a forward of their own for little.
+SHARED_PREFIX = 8
 
 
 @dataclass(frozen=True)
@@ -245,23 +247,44 @@ def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
+def _shared(run: list[_Unit], links: list[int]) -> int:
+    """Tokens a run of sorted units can share: the weakest link between neighbours, kept shorter than each
+    context (a context's last position scores its continuations' first tokens, so it is computed with the
+    unit)."""
+    return min(*links, *(len(u.context) - 1 for u in run))
+
+
+def _saved(groups: list[tuple[int, list[_Unit]]]) -> int:
+    return sum((len(run) - 1) * n for n, run in groups if n >= SHARED_PREFIX)
+
+
+def _split(run: list[_Unit], links: list[int], depth: int = 0) -> list[tuple[int, list[_Unit]]]:
+    """(shared length, units) for a run of sorted units, ``links[i]`` the common prefix of units i and i+1.
+
+    Sharing what the whole run shares, or cutting it at its weakest links into runs that share more (MMLU
+    subjects all open with the same line, then each has its own few-shot examples): whichever computes
+    fewer positions, decided recursively (to a bounded depth: contexts that extend one another in a long
+    chain would otherwise recurse once per context)."""
+    if len(run) < 2:
+        return [(0, run)]
+    whole = [(_shared(run, links), run)]
+    weakest = min(links)
+    cuts = [0, *(i + 1 for i, link in enumerate(links) if link == weakest), len(run)]
+    if len(cuts) == 2 or depth == 64:
+        return whole
+    parts = [g for a, b in itertools.pairwise(cuts) for g in _split(run[a:b], links[a : b - 1], depth + 1)]
+    return parts if _saved(parts) > _saved(whole) else whole
+
+
 def _groups(units: list[_Unit]) -> list[tuple[tuple[int, ...], list[_Unit]]]:
     """(shared prefix, units stripped of it, longest first): one per group of units whose contexts begin with
-    at least ``SHARED_PREFIX`` common tokens, then ``()`` and the units left whole. Sorted, contexts with a
-    common prefix are neighbours; a run of neighbours sharing ``SHARED_PREFIX`` tokens is a group, and what
-    all of it shares is what its first and last context share. The prefix stays shorter than each context: a
-    context's last position scores its continuations' first tokens, so it must be computed with the unit."""
+    at least ``SHARED_PREFIX`` common tokens (sorted, such contexts are neighbours), then ``()`` and the units
+    left whole."""
     ordered = sorted(units, key=lambda u: u.context)
-    runs: list[list[_Unit]] = []
-    for before, unit in zip([None, *ordered], ordered, strict=False):
-        if before and _common(before.context, unit.context) >= SHARED_PREFIX:
-            runs[-1].append(unit)
-        else:
-            runs.append([unit])
+    links = [_common(a.context, b.context) for a, b in itertools.pairwise(ordered)]
     groups, whole = [], []
-    for run in runs:
-        n = min(_common(run[0].context, run[-1].context), *(len(u.context) - 1 for u in run))
-        if len(run) == 1 or n < SHARED_PREFIX:
+    for n, run in _split(ordered, links) if ordered else []:
+        if len(run) < 2 or n < SHARED_PREFIX:
             whole += run
             continue
         stripped = [_Unit(u.context[n:], u.requests, u.length - n) for u in run]
