@@ -33,6 +33,7 @@ from quantarena.kernels import kernel_summary
 from quantarena.measure import weight_bytes
 from quantarena.methods import METHODS
 from quantarena.methods.base import calibration_batches
+from quantarena.methods.inductor_int8 import compile_frozen
 from quantarena.tasks import TASKS, EvalContext
 
 
@@ -43,13 +44,10 @@ class InductorFp32(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model, self.config = model, model.config
-        self.compiled = torch.compile(model, dynamic=True)
+        self.compiled = compile_frozen(model)
 
     def forward(self, **inputs):
-        from torch._inductor import config as inductor_config
-
-        with inductor_config.patch(freezing=True):
-            return self.compiled(**inputs)
+        return self.compiled(**inputs)
 
 
 def paired_rounds(variants: dict, batches: list[dict], rounds: int) -> dict[str, list[float]]:

@@ -166,6 +166,7 @@ class _Model:
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model, self.device = model, device
         self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.dtype = getattr(model, "dtype", torch.float32)
         self.n_forwards = self.n_tokens = 0
 
@@ -223,7 +224,6 @@ class _Model:
         rows, positions = at
         # Where each pair is in what the head is handed: its index among ``keep``, or its position.
         columns = torch.searchsorted(keep, positions) if self.keeps_logits else positions
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         gathered = []
 
         def gather(module, args):
@@ -233,7 +233,7 @@ class _Model:
             gathered.append(True)
             return (hidden[rows, columns][None], *args[1:])
 
-        hook = head.register_forward_pre_hook(gather) if head is not None else None
+        hook = self.head.register_forward_pre_hook(gather) if self.head is not None else None
         try:
             logits = self._forward(ids, keep, **inputs)[0]
         finally:

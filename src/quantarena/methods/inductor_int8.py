@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import PositiveInt
@@ -73,6 +75,20 @@ def _drop_unused_parameters(graph: torch.fx.GraphModule) -> None:
             delattr(graph.get_submodule(owner) if owner else graph, attr)
 
 
+def compile_frozen(module: nn.Module) -> Callable[..., Any]:
+    """``module`` compiled by Inductor with dynamic shapes and freezing on (weights become constants it can
+    pack and fuse). Compiling happens at a call, so every call runs under the freezing setting."""
+    from torch._inductor import config as inductor_config
+
+    compiled = torch.compile(module, dynamic=True)
+
+    def call(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return call
+
+
 class InductorInt8Classifier(nn.Module):
     """The quantized graph behind a transformers-like classifier interface (``config``, ``.logits``).
 
@@ -86,25 +102,16 @@ class InductorInt8Classifier(nn.Module):
         self.config = config
         self.input_names = tuple(example_inputs)
         self._example_inputs = example_inputs  # a plain attribute: kept for re-export, not a weight
-        self._compiled = torch.compile(graph, dynamic=True)
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
+        self._compiled = compile_frozen(graph)
 
     def forward(self, **inputs: torch.Tensor):
-        from torch._inductor import config as inductor_config
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         if set(inputs) != set(self.input_names):
             raise ModelError(f"inductor-int8 graph takes {list(self.input_names)}, got {sorted(inputs)}")
         # Always inference tensors, in inference mode: the compiled graph guards on both, and a caller's
         # tensors made outside inference mode would otherwise cost a whole second compile.
-        with torch.inference_mode(), inductor_config.patch(freezing=True):
+        with torch.inference_mode():
             canonical = {name: inputs[name].clone() for name in self.input_names}
             logits = self._compiled(inputs=canonical)
         return SequenceClassifierOutput(logits=logits)
