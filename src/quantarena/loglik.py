@@ -12,9 +12,10 @@ position scores every continuation's first token. Units are sorted by length; a 
 ``batch_size`` rows as wide as its longest unit, and shorter units share a row (first fit), isolated by
 the same mask, so attention never spans more than that width.
 
-Contexts that begin with the same long prefix (the description and examples of few-shot prompts) compute it
-once: sorted, neighbouring contexts that share at least ``SHARED_PREFIX`` tokens form a group, the group's
-common prefix (kept shorter than its every context) is run alone once for its keys and values, and the
+Contexts that begin with the same prefix (the description and examples of few-shot prompts) compute it
+once: sorted, neighbouring contexts that share at least ``SHARED_PREFIX`` tokens form a run, cut at its
+weakest links wherever the parts' longer prefixes save more (``_split``); each group's common prefix (kept
+shorter than its every context) is run alone once for its keys and values, and the
 group's units, stripped of it, are packed as above with that cache expanded to every row, each real position
 attending to the whole prefix and position ids continuing after it. Log-softmax is taken in float32 at least
 (lm-eval takes it in the model's dtype, which for bf16 models differs). Models must accept a 4D attention
@@ -36,7 +37,7 @@ from quantarena.errors import DataError, ModelError
 # Padded tokens per forward (a longer unit gets a forward of its own): bounds activations and logits.
 ROW_TOKENS = 2048
 # Contexts sharing a prefix this long compute it once (0-shot MMLU's one-line subject description, ~15 tokens,
-# is worth sharing: 1.27x -> 1.55x lm-eval); shorter ones would cost a forward of their own for little.
+# is worth sharing: 1.25x -> 1.4-1.5x lm-eval); shorter ones would cost a forward of their own for little.
 SHARED_PREFIX = 8
 
 
