@@ -22,18 +22,16 @@ import json
 import os
 import statistics
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from quantarena import models
 from quantarena.data import resolve_data_dir
-from quantarena.kernels import kernel_summary
 from quantarena.measure import weight_bytes
-from quantarena.methods import METHODS
-from quantarena.methods.base import calibration_batches
+from quantarena.methods import METHODS, quantize_with_calibration
 from quantarena.methods.inductor_int8 import compile_frozen
+from quantarena.ownquant import kernel_summary
 from quantarena.tasks import TASKS, EvalContext
 
 
@@ -89,7 +87,6 @@ def main() -> None:
     config = task_cls.Config(dataset=args.dataset, max_length=args.max_length, latency_examples=1, latency_warmup=0)
     task = task_cls(config, resolve_data_dir())
     data = task.load()
-    calibration = partial(calibration_batches, tokenizer, resolve_data_dir(), torch.device("cpu"))
     variants, quantize_s = {}, {}
     for name in args.methods:
         start = time.perf_counter()
@@ -97,8 +94,9 @@ def main() -> None:
             variants[name] = InductorFp32(copy.deepcopy(base))  # compiled by its first forward, in evaluate
         else:
             method = METHODS.get(name)
-            with torch.no_grad():
-                variants[name] = method.quantize(copy.deepcopy(base), method.config_cls(), calibration)
+            variants[name] = quantize_with_calibration(
+                method, method.config_cls(), copy.deepcopy(base), tokenizer, resolve_data_dir(), torch.device("cpu")
+            )
         quantize_s[name] = time.perf_counter() - start  # inductor-int8: calibration and compiling
 
     outputs = {}

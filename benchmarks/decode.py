@@ -6,7 +6,7 @@ groups of 128; heads stay bf16), so the own rows take exactly the dispatch a swe
 kernels on CUDA. Two ways to decode:
 
 * ``hf-eager``: plain ``model.generate`` (eager, dynamic cache), as a user runs it;
-* ``fast``: ``quantarena.kernels.decode_loop`` (static KV cache, one compiled CUDA-graph step per token).
+* ``fast``: ``benchmarks/decode_loop.py`` (static KV cache, one compiled CUDA-graph step per token).
 
 Next to each: the bandwidth floor, i.e. the bytes one decode step must read (every stored weight
 except the input embedding table, of which one row is read) over the measured device copy bandwidth,
@@ -27,14 +27,13 @@ import traceback
 from pathlib import Path
 
 import torch
+from decode_loop import decode_ms_per_token, hf_generate_ms_per_token
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quantarena.kernels import kernel_summary
-from quantarena.kernels.decode_loop import decode_ms_per_token, hf_generate_ms_per_token
-from quantarena.measure import weight_bytes
+from quantarena.measure import measure_bandwidth, weight_bytes
 from quantarena.methods import METHODS
-from quantarena.roofline import measure_bandwidth
+from quantarena.ownquant import kernel_summary
 
 SHAPES = {
     "1b": {"hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192},

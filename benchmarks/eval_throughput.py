@@ -3,7 +3,7 @@
 Both score the same questions with the same float32 model in this one process, alternating (``--repeats``,
 fastest run of each kept): quantarena's task
 (``Task.evaluate``: tokenization, batched scoring with shared contexts, metrics) and lm-eval's HFLM on its
-own task YAML with the dataset swapped for the same records (quantarena.harness). lm-eval's time is only
+own task YAML with the dataset swapped for the same records (benchmarks/harness.py). lm-eval's time is only
 what it spends inside ``loglikelihood`` (its tokenization and scoring), not its task building, so the
 comparison leans its way. The run also checks the numbers are identical: acc and acc_norm equal, and the
 largest per-request log-likelihood difference (float32 summation order).
@@ -23,9 +23,10 @@ import platform
 import time
 from pathlib import Path
 
+import harness
 import torch
 
-from quantarena import harness, models
+from quantarena import models
 from quantarena.data import read_records, resolve_data_dir
 from quantarena.environment import package_version
 from quantarena.tasks import TASKS, EvalContext

@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from quantarena.kernels import triton_gemv
-from quantarena.kernels.triton_gemv import INT4_GEMV_CONFIGS, INT8_GEMV_CONFIGS, int4_linear, int8_linear
-from quantarena.ownquant import (
+from quantarena.measure import measure_bandwidth
+from quantarena.ownquant import triton_kernels as triton_gemv
+from quantarena.ownquant.formats import (
     dequantize_int4_groupwise,
     dequantize_int8_per_channel,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
 )
-from quantarena.roofline import measure_bandwidth
+from quantarena.ownquant.triton_kernels import INT4_GEMV_CONFIGS, INT8_GEMV_CONFIGS, int4_linear, int8_linear
 
 # (N, K) of the Llama 8B and 1B projections: q/o, k/v, gate/up, down.
 SHAPES = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ SHARED = Path(os.environ.get("QUANTARENA_SHARED", Path(__file__).resolve().paren
 DATA_DIR = SHARED / "data"
 os.environ.setdefault("QUANTARENA_DATA_DIR", str(DATA_DIR))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Quantized checkpoints, digests and converted GGUFs of this session, away from the user's own cache (export
+# QUANTARENA_CACHE to reuse one across sessions).
+os.environ.setdefault("QUANTARENA_CACHE", tempfile.mkdtemp(prefix="quantarena-test-cache-"))
 
 
 def _package_dir(package: str) -> Path:

@@ -1,24 +1,31 @@
-"""Command line: a thin layer that turns flags into a config and calls the API."""
+"""Command line: a thin layer that turns flags into a config and calls the API; the only place that prints.
+
+The heavy modules (torch, the registries, the report's plotting) are imported inside the commands, so `run`
+can start its worker server before them and `--help` answers at once.
+"""
 
 from __future__ import annotations
 
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from quantarena import api
-from quantarena.config import read_toml, sweep_config, tomllib, validated
 from quantarena.errors import QuantarenaError
-from quantarena.finetune import FinetuneConfig
-from quantarena.methods import METHODS
-from quantarena.recommend import Constraints
-from quantarena.report import Report, load_runs, print_recommendations, print_tables, write_report
-from quantarena.tasks import TASKS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from quantarena.report import Constraints, Report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize a model many ways and compare.")
 # Off a terminal (CI logs, pipes) Rich would wrap tables at 80 columns.
@@ -59,6 +66,61 @@ def _entry(spec: str) -> dict[str, Any]:
     return entry
 
 
+def print_tables(report: Report) -> None:
+    from quantarena.report import table_rows
+
+    for group in report.groups:
+        columns, rows = table_rows(report, group)
+        table = Table(title=group.title, title_justify="left")
+        for col in columns:
+            text = col in ("Method", "Status", "Significance", "Variant")
+            table.add_column(col, justify="left" if text else "right", no_wrap=col != "Status")
+        for row in rows:
+            table.add_row(*(row.get(c, "") for c in columns))
+        console.print(table)
+
+
+def print_recommendations(report: Report) -> None:
+    for group in report.groups:
+        rec = report.recommendation(group)
+        console.print(f"[bold]{group.title}[/]: {rec.summary()}", highlight=False)
+        for c in rec.candidates:
+            if c.method != rec.choice:
+                console.print(f"  {c.method}: {c.verdict}", highlight=False)
+
+
+class SweepProgress:
+    """The sweep's events as progress bars on stderr, and a line for every result that is not ok."""
+
+    def __init__(self) -> None:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.bars = Progress(*columns, console=err_console, transient=True)
+        self.cells = self.bars.add_task("cells", total=None)
+        self.inner = self.bars.add_task("", total=None, visible=False)
+
+    def __call__(self, event) -> None:
+        from quantarena.sweep.api import Planned, Step, Stored
+        from quantarena.sweep.api import Progress as Advance
+
+        if isinstance(event, Planned):
+            if event.todo < event.cells:
+                done = event.cells - event.todo
+                err_console.print(f"resuming: {done} of {event.cells} cells already in {event.store}", markup=False)
+            self.bars.update(self.cells, total=event.todo)
+        elif isinstance(event, Step):
+            self.bars.update(self.cells, description=f"cells ({event.variant})")
+            step = event.cell or "loading and quantizing"
+            self.bars.reset(self.inner, total=None, description=f"  {step}", visible=True)
+        elif isinstance(event, Advance):
+            self.bars.update(self.inner, completed=event.done, total=event.total)
+        elif isinstance(event, Stored):
+            self.bars.advance(self.cells)
+            result = event.result
+            if result.status != "ok":
+                label = f"{result.model} · {result.method} · {result.task}"
+                err_console.print(Text(f"{label}: {result.status}: {result.reason}", style="yellow"))
+
+
 @app.command()
 @_user_errors
 def run(
@@ -72,10 +134,20 @@ def run(
     output_dir: Annotated[Path | None, typer.Option()] = None,
     data_dir: Annotated[Path | None, typer.Option(help="folder of the offline datasets ($QUANTARENA_DATA_DIR)")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
-    executor: Annotated[str | None, typer.Option(help="local (a child process per cell), inline or ray")] = None,
-    force: Annotated[bool, typer.Option(help="rerun cells already finished in the output dir")] = False,
+    executor: Annotated[str | None, typer.Option(help="local (a child process per variant), inline or ray")] = None,
+    force: Annotated[
+        bool, typer.Option(help="rerun cells already finished in the output dir, quantizing again (cache ignored)")
+    ] = False,
 ) -> None:
-    """Run a sweep: every model × method × task, written to the output dir as each cell finishes."""
+    """Run a sweep: every model × method is quantized once and evaluated on every task; each result is stored as
+    it finishes."""
+    from quantarena.sweep import workers
+
+    if executor in (None, "local"):
+        workers.start()  # importing in the background while this process reads the config
+    from quantarena.config import read_toml, sweep_config
+    from quantarena.sweep.api import execute
+
     raw = read_toml(config) if config else {}
     flags = {
         "models": model,
@@ -92,14 +164,16 @@ def run(
     if raw.get("model") and model:
         raw.pop("model")
     cfg = sweep_config(raw | {k: v for k, v in flags.items() if v})
+    progress = SweepProgress()
     try:
-        results = api.run(cfg, force=force)
+        with progress.bars:
+            report = execute(cfg, force=force, on_event=progress)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: finished cells are kept in {cfg.output_dir}; rerun to resume", markup=False)
         raise typer.Exit(130) from None
-    api.report(results, console)
+    print_tables(report)
     console.print(f"results: {cfg.output_dir}/results.json, results.csv, results.md, report.html, charts/")
-    if any(c.status == "failed" for c in results.cells):
+    if any(c.status == "failed" for c in report.runs[0].results.cells):
         raise typer.Exit(1)
 
 
@@ -113,6 +187,8 @@ Prefer = Annotated[str, typer.Option(help="among variants within the limits pick
 
 
 def _limits(max_drop: float, max_memory_mb: float | None, max_latency_ms: float | None, prefer: str) -> Constraints:
+    from quantarena.report import Constraints
+
     if prefer not in ("memory", "latency"):
         raise QuantarenaError(f"--prefer {prefer!r}: use memory or latency")
     return Constraints(max_drop, max_memory_mb, max_latency_ms, prefer)
@@ -137,11 +213,15 @@ def report(
 ) -> None:
     """Rebuild every view of finished runs from their results.json, without rerunning: tables, Markdown, CSV,
     JSON, PNG charts and one self-contained HTML file."""
+    from quantarena.report import Report, write_report
+    from quantarena.sweep.api import load_runs
+
     limits = _limits(max_drop, max_memory_mb, max_latency_ms, prefer)
     out = output_dir or (results_dirs[0] if len(results_dirs) == 1 else Path("quantarena-report"))
-    built = write_report(load_runs(results_dirs, bandwidth_gbs), out, limits)
-    print_tables(built, console)
-    print_recommendations(built, console)
+    built = Report(load_runs(results_dirs, bandwidth_gbs), limits)
+    write_report(built, out)
+    print_tables(built)
+    print_recommendations(built)
     console.print(f"report: {out / 'report.html'} (and results.md, results.csv, report.json, charts/)")
 
 
@@ -156,8 +236,11 @@ def recommend(
 ) -> None:
     """The smallest (or fastest) variant within the limits, per model and task, and what rules out each other
     one. Exit code 1 when no variant of some model and task meets them."""
+    from quantarena.report import Report
+    from quantarena.sweep.api import load_runs
+
     built = Report(load_runs(results_dirs, measure=False), _limits(max_drop, max_memory_mb, max_latency_ms, prefer))
-    print_recommendations(built, console)
+    print_recommendations(built)
     if any(built.recommendation(g).choice is None for g in built.groups):
         raise typer.Exit(1)
 
@@ -180,7 +263,8 @@ def finetune(
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
     """Fine-tune a sequence classifier (full or LoRA); resumes an interrupted run in OUT."""
-    from quantarena.finetune import finetune as run_finetune
+    from quantarena.config import FinetuneConfig, validated
+    from quantarena.workflows.finetune import finetune as run_finetune
 
     lora_options = {k: v for k, v in _entry(f"lora:{lora}").items() if k != "name"} if lora else None
     if lora_options and isinstance(lora_options.get("targets"), str):
@@ -205,6 +289,9 @@ def finetune(
 def list_() -> None:
     """Methods and tasks this installation knows, and whether each method can run here."""
     import torch
+
+    from quantarena.methods import METHODS
+    from quantarena.tasks import TASKS
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     methods = Table("method", "description", f"on {device}", title="methods")
@@ -235,7 +322,7 @@ def quantize(
     data_dir: DataDir = None,
 ) -> None:
     """Quantize a model and save it in the method's own format, reloadable by `quantarena compare`."""
-    from quantarena.compare import quantize_to_disk, weights_on_disk
+    from quantarena.workflows.roundtrip import quantize_to_disk, weights_on_disk
 
     out_dir = quantize_to_disk(
         model, _entry(method), out, kind=kind, num_labels=num_labels, device=device, seed=seed, data_dir=data_dir
@@ -255,8 +342,8 @@ def compare(
     data_dir: DataDir = None,
 ) -> None:
     """Reload a quantized folder with its method's loader and evaluate it next to the original on one task."""
-    from quantarena.compare import compare as run_compare
-    from quantarena.compare import difference_pct
+    from quantarena.workflows.roundtrip import compare as run_compare
+    from quantarena.workflows.roundtrip import difference_pct
 
     result = run_compare(
         original, quantized, _entry(task), device=device, batch_size=batch_size, seed=seed, data_dir=data_dir

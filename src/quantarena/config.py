@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
     SerializeAsAny,
@@ -18,10 +19,9 @@ from pydantic import (
 )
 
 from quantarena.errors import ConfigError
-from quantarena.finetune import FinetuneConfig
 from quantarena.methods import METHODS, MethodConfig
-from quantarena.tasks import TASKS, TaskConfig
-from quantarena.tasks.base import ModelKind
+from quantarena.models import ModelKind
+from quantarena.tasks import TASKS, ReferenceConfig, TaskConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,6 +31,35 @@ else:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class LoraOptions(_Strict):
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16
+    dropout: NonNegativeFloat = 0.1
+    # BERT-family attention projections; other architectures name theirs differently.
+    targets: tuple[str, ...] = ("query", "value")
+    # QLoRA: train the adapter on a bitsandbytes 4-bit copy of the base (CUDA only).
+    quantized_base: Literal["nf4", "fp4"] | None = None
+
+
+class FinetuneConfig(_Strict):
+    """A fine-tuning step (full, or LoRA with ``lora``) before a sequence classifier is quantized."""
+
+    train_dataset: str = "sst2-train"
+    eval_dataset: str = "sst2"
+    text_column: str | None = None
+    label_column: str | None = None
+    train_limit: PositiveInt | None = None
+    eval_limit: PositiveInt | None = None
+    num_labels: PositiveInt = 2
+    epochs: PositiveFloat = 1.0
+    learning_rate: PositiveFloat = 5e-5
+    batch_size: PositiveInt = 32
+    max_length: PositiveInt = 128
+    warmup_ratio: NonNegativeFloat = 0.06
+    lora: LoraOptions | None = None
+    seed: int = 0
 
 
 class ModelSpec(_Strict):
@@ -64,10 +93,16 @@ class SweepConfig(_Strict):
     output_dir: Path = Path("runs/latest")
     seed: int = 0
     data_dir: Path | None = None
-    # local: each cell in a fresh child process; inline: in this process; ray: cells as Ray tasks.
-    executor: Literal["local", "inline", "ray"] = "local"
+    # local: each variant in a fresh child process; inline: in this process; ray: variants as Ray tasks
+    # (the executors' registry, checked before the sweep starts).
+    executor: str = "local"
     ray_address: str | None = None
+    # Local executor: a step of a variant (loading and quantizing it, or one task) running longer is killed
+    # and its cell(s) marked failed.
     cell_timeout_s: PositiveFloat | None = None
+    # Quantized checkpoints are kept here and reloaded by later sweeps (default $QUANTARENA_CACHE/variants).
+    cache_dir: Path | None = None
+    cache_variants: bool = True
     # Modules imported before anything else, in every process, so they can register methods and tasks.
     plugins: tuple[str, ...] = ()
     # A fine-tuning step run on every model before the methods (sequence classifiers).
@@ -127,23 +162,47 @@ def _label(name: str, options: dict[str, Any]) -> str:
     return f"{name}({','.join(f'{k}={v}' for k, v in sorted(options.items()))})"
 
 
-def _method_choice(entry: dict[str, Any]) -> MethodChoice:
+def _as_entry(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {"name": value}
+
+
+def method_choice(value: MethodChoice | str | dict[str, Any]) -> MethodChoice:
+    """A method by name, as a ``{"name": ..., option: ...}`` dict, or already validated."""
+    if isinstance(value, MethodChoice):
+        return value
+    entry = _as_entry(value)
     name = entry.pop("name")
     label = entry.pop("label", None) or _label(name, entry)
     config = validated(METHODS.get(name).config_cls, entry, f"method {label}")
     return MethodChoice(name=name, label=label, config=config)
 
 
-def _task_choice(entry: dict[str, Any]) -> TaskChoice:
+def task_choice(value: TaskChoice | str | dict[str, Any]) -> TaskChoice:
+    """A task by name, as a ``{"name": ..., option: ...}`` dict, or already validated."""
+    if isinstance(value, TaskChoice):
+        return value
+    entry = _as_entry(value)
     name = entry.pop("name")
     label = entry.pop("label", None) or _label(name, entry)
     config = validated(TASKS.get(name).Config, entry, f"task {label}")
+    if isinstance(config, ReferenceConfig):
+        reference_choice(config, f"task {label}")
     return TaskChoice(name=name, label=label, config=config)
+
+
+def reference_choice(config: ReferenceConfig, where: str = "task") -> MethodChoice:
+    """The reference method of a comparing task (divergence), checked against the registry."""
+    if config.reference_method not in METHODS:
+        valid = ", ".join(METHODS.names())
+        raise ConfigError(f"{where}: reference_method {config.reference_method!r} is not a method; valid: {valid}")
+    method = METHODS.get(config.reference_method)
+    options = validated(method.config_cls, config.reference_config, f"{where}: reference_config")
+    return MethodChoice(name=method.name, label=method.name, config=options)
 
 
 def _with_reference(task: TaskChoice, baseline: MethodChoice) -> TaskChoice:
     """Tasks that compare with a reference variant (divergence) take the sweep's baseline unless told otherwise."""
-    if "reference_method" not in type(task.config).model_fields or "reference_method" in task.config.model_fields_set:
+    if not isinstance(task.config, ReferenceConfig) or "reference_method" in task.config.model_fields_set:
         return task
     reference = {"reference_method": baseline.name, "reference_config": baseline.config.model_dump(mode="json")}
     return task.model_copy(update={"config": task.config.model_copy(update=reference)})
@@ -181,8 +240,8 @@ def sweep_config(raw: dict[str, Any]) -> SweepConfig:
     models = [_model_spec(m) for m in (models if isinstance(models, list) else [models])]
     if not models:
         raise ConfigError("models: the list is empty")
-    methods = [_method_choice(e) for e in _entries(raw.pop("methods"), "method")]
-    tasks = [_task_choice(e) for e in _entries(raw.pop("tasks"), "task")]
+    methods = [method_choice(e) for e in _entries(raw.pop("methods"), "method")]
+    tasks = [task_choice(e) for e in _entries(raw.pop("tasks"), "task")]
     labels = [m.label for m in methods]
     raw.setdefault("baseline", "fp32" if "fp32" in labels else labels[0])
     baseline = next((m for m in methods if m.label == raw["baseline"]), None)

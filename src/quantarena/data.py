@@ -1,14 +1,18 @@
-"""Where evaluation data lives and how records are read: local JSONL/CSV/TSV or `datasets`."""
+"""Where evaluation data lives and how records are read (local JSONL/CSV/TSV or `datasets`); content digests for
+the keys of stored results and cached checkpoints."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
+import hashlib
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from quantarena.errors import DataError
 
@@ -112,3 +116,34 @@ def require_columns(records: list[dict], columns: list[str], dataset: str) -> No
             f"dataset {dataset}: missing column(s) {', '.join(missing)}; "
             f"available: {', '.join(records[0])} (set text_column / label_column)"
         )
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def json_digest(value: Any) -> str:
+    """sha256 of a JSON-able value with sorted keys: the key of everything that determines a result."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [type(value).__name__, {f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise TypeError(f"cannot digest a {type(value).__name__}")
+
+
+def content_digest(data: Any) -> str:
+    """A digest of a task's loaded data (texts, labels, questions: the selection as evaluated), so an edited
+    dataset never reuses a result computed on the old one."""
+    return json_digest(_canonical(data))

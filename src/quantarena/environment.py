@@ -8,6 +8,8 @@ from importlib import metadata
 
 import torch
 
+from quantarena.errors import ConfigError
+
 PACKAGES = (
     "quantarena",
     "torch",
@@ -66,3 +68,9 @@ def environment() -> dict:
         "packages": {p: v for p in PACKAGES if (v := package_version(p))},
         "hardware": hardware,
     }
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA run on a machine without a CUDA GPU, before any work."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available here; use device = 'cpu'")

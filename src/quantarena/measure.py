@@ -1,9 +1,12 @@
-"""Measurements that reports can trust: true stored bytes, disk size, peak memory, synchronized timers."""
+"""Measurements that reports can trust: true stored bytes, disk size, peak memory per phase, synchronized timers,
+memory bandwidth."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import resource
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -115,12 +118,7 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far.
-
-    Linux's VmHWM first: ru_maxrss survives exec, so a cell's spawned child would start from the
-    peak of the sweep process that forked it (2.2 GB after a fine-tune step, for every cell alike).
-    """
+def _vm_hwm_bytes() -> int | None:
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -128,12 +126,61 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process since it started or since ``reset_peak_memory``.
+
+    Linux's VmHWM first: ru_maxrss survives exec, so a spawned worker would start from the peak of the
+    sweep process that started it, and it cannot be reset.
+    """
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return hwm
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def synchronize(device: torch.device) -> None:
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS, so the RSS a reset starts from is what is still in use."""
+    libc = ctypes.util.find_library("c")
+    if libc and sys.platform.startswith("linux"):
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
+def reset_peak_memory(device: torch.device, collect: bool = False) -> bool:
+    """Start a new phase: the peaks read after this are this phase's. ``collect`` first frees objects held only
+    by reference cycles (a model just replaced: a full collection costs ~0.4 s with torch loaded). False where
+    the RSS peak cannot be reset (outside Linux); its peak then still covers earlier phases."""
+    if collect:
+        gc.collect()
+    _release_freed_memory()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """The peaks since the last ``reset_peak_memory``: RSS of this process, and on CUDA the allocator's peak."""
+    peaks = {}
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        peaks["peak_rss_bytes"] = hwm
+    if device.type == "cuda":
+        peaks["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peaks
+
+
+def device_sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work, so a timer measures it (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -147,10 +194,10 @@ def timed(device: torch.device | None = None) -> Iterator[Stopwatch]:
     """Wall time of the block, with the device drained before and after so async work is counted."""
     device = device or torch.device("cpu")
     watch = Stopwatch()
-    synchronize(device)
+    device_sync(device)
     start = time.perf_counter()
     yield watch
-    synchronize(device)
+    device_sync(device)
     watch.seconds = time.perf_counter() - start
 
 
@@ -166,5 +213,28 @@ def repeated_ms(fn: Callable[[], object], device: torch.device, warmup: int, rep
     return samples
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+BANDWIDTH_COPY_BYTES = 256 << 20  # well above any last-level cache
+
+
+def measure_bandwidth(device: str = "cpu", nbytes: int = BANDWIDTH_COPY_BYTES, repeats: int = 5) -> float:
+    """Copy bandwidth in bytes/s: bytes read + bytes written by the fastest of the repeats after a warm-up
+    (the best copy is the attainable bandwidth; slower ones met other load)."""
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times_s = []
+    for _ in range(repeats + 1):
+        with timed(torch.device(device)) as watch:
+            dst.copy_(src)
+        times_s.append(watch.seconds)
+    return 2 * nbytes / min(times_s[1:])
+
+
+def record_bandwidth(environment: dict, device: str) -> dict:
+    """Add the measured bandwidth of ``device`` to a results environment (once per run: every roofline floor
+    divides by it)."""
+    environment["memory_bandwidth"] = {
+        "device": device,
+        "bytes_per_s": measure_bandwidth(device),
+        "source": f"measured: fastest copy of a {BANDWIDTH_COPY_BYTES >> 20} MiB tensor, bytes read + written",
+    }
+    return environment

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
+from quantarena.data import file_sha256
 from quantarena.errors import ModelError
-from quantarena.tasks.base import ModelKind
+
+ModelKind = Literal["causal-lm", "sequence-classification"]
 
 CACHE_ENV = "QUANTARENA_CACHE"
 WEIGHT_FILES = (
@@ -156,32 +160,40 @@ def gguf_to_safetensors(folder: Path, gguf_file: str) -> Path:
     return out
 
 
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            sha.update(chunk)
-    return sha.hexdigest()
+# Besides config and weights, what determines a model's outputs on text: its tokenizer.
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 
 
-def weights_digest(folder: Path) -> str:
-    """sha256 over the folder's config and weight files, so results are keyed by the weights themselves.
+def model_digest(folder: Path) -> str:
+    """sha256 over the folder's config, weight and tokenizer files, so results are keyed by their content.
 
-    Hashing reads every byte (about a second for 500 MB), so per-file digests are cached by path,
-    size and mtime.
+    Hashing reads every byte (about a second for 500 MB), so per-file digests are cached by path, size and
+    mtime.
     """
     cache_file = cache_dir() / "digests.json"
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    files = sorted(f for f in folder.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin"))
+    wanted = {"config.json", *TOKENIZER_FILES}
+    files = sorted(f for f in folder.iterdir() if f.is_file() and (f.name in wanted or f.suffix in WEIGHT_SUFFIXES))
     combined = hashlib.sha256()
     for f in files:
         stat = f.stat()
         stamp = f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         if stamp not in cache:
-            cache[stamp] = _file_sha256(f)
+            cache[stamp] = file_sha256(f)
         combined.update(f"{f.name}:{cache[stamp]}".encode())
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +232,7 @@ def resolve(
         kind=kind or _kind_from_config(Path(location)),
         num_labels=num_labels,
         trust_remote_code=trust_remote_code,
-        digest=weights_digest(Path(location)),
+        digest=model_digest(Path(location)),
     )
 
 
@@ -238,24 +250,40 @@ def quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load(model: ResolvedModel, kind: ModelKind, seed: int) -> tuple[torch.nn.Module, object]:
-    """Load in float32 on the CPU; methods cast or quantize from there."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def load_tokenizer(path: str | Path, loaded: torch.nn.Module | None = None, trust_remote_code: bool = False) -> Any:
+    """The tokenizer in ``path``, with a pad token (the EOS where it has none) that ``loaded`` is told about."""
+    from transformers import AutoTokenizer
 
     quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: its tokenizer cannot be loaded ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if loaded is not None:
+        loaded.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
 
+
+def load(model: ResolvedModel, kind: ModelKind, seed: int) -> tuple[torch.nn.Module, Any]:
+    """Load in float32 on the CPU; methods cast or quantize from there."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    quiet_transformers()
     cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     extra = {"num_labels": model.num_labels} if model.num_labels else {}
-    # A freshly initialized head must be the same in every cell of the sweep.
+    # A freshly initialized head must be the same in every variant of the sweep.
     torch.manual_seed(seed)
     try:
         loaded = cls.from_pretrained(
             model.path, dtype=torch.float32, trust_remote_code=model.trust_remote_code, **extra
         )
-        tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"model {model.source}: cannot be loaded as {kind} ({str(e).splitlines()[0]})") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    loaded.config.pad_token_id = tokenizer.pad_token_id
-    return loaded.eval(), tokenizer
+    return loaded.eval(), load_tokenizer(model.path, loaded, model.trust_remote_code)
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the forward can skip the output head at positions nobody reads (transformers' ``logits_to_keep``)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters

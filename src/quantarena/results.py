@@ -1,15 +1,21 @@
-"""Result records: one per cell (model x method x task), and the whole sweep's set of them."""
+"""Result records: one per cell (a variant, i.e. a model with one method applied, evaluated on one task), and a
+sweep's set of them."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+from quantarena.errors import QuantarenaError
+
+SCHEMA_VERSION = 2
+# Version 1 records lack the variant fields and the per-phase memory peaks; they read with those absent.
+READABLE_VERSIONS = (1, 2)
 
 Status = Literal["ok", "skipped", "failed"]
 
@@ -33,6 +39,9 @@ class CellResult:
     per_example: dict[str, list] = field(default_factory=dict)
     device: str = "cpu"
     duration_s: float = 0.0
+    # "quantized" (in the run that produced this result) or "cache" (reloaded from the checkpoint cache)
+    variant_source: str | None = None
+    variant_note: str | None = None  # why the variant was not cached, or was quantized again
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -63,8 +72,8 @@ class Results:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Results:
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"results schema version {data.get('schema_version')} is not {SCHEMA_VERSION}")
+        if data.get("schema_version") not in READABLE_VERSIONS:
+            raise ValueError(f"results schema version {data.get('schema_version')} is not one of {READABLE_VERSIONS}")
         return cls(
             baseline=data["baseline"],
             environment=data["environment"],
@@ -72,9 +81,27 @@ class Results:
             cells=[CellResult(**c) for c in data["cells"]],
         )
 
-    @classmethod
-    def read(cls, path: Path) -> Results:
-        return cls.from_json(json.loads(Path(path).read_text()))
+
+def read_results(path: Path) -> Results:
+    try:
+        return Results.from_json(json.loads(Path(path).read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise QuantarenaError(f"{path} is not a quantarena results file: {e}") from None
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def strict_json(value: Any) -> str:
+    """JSON that every parser reads: NaN and infinities (which json.dumps writes as bare NaN) become null."""
+    return json.dumps(_finite(value), indent=1, allow_nan=False)
 
 
 def write_atomic(path: Path, text: str) -> None:

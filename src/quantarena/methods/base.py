@@ -6,6 +6,7 @@ import fnmatch
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from quantarena.errors import ModelError
+from quantarena.methods.calibration import CalibrationSource, calibration_batches
 from quantarena.registry import Registry
 
 DEFAULT_SKIP_MODULES = ("lm_head", "classifier", "score")
@@ -22,10 +24,6 @@ BACKENDS_EXTRA = "pip install 'quantarena[backends]'"
 
 ComputeDtype = Literal["fp32", "fp16", "bf16"]
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# Calibration text: a training split, so a method never sees the sentences it is evaluated on.
-CALIBRATION_DATASET = "sst2-train"
-CALIBRATION_TEXT_COLUMN = "sentence"
 
 
 class MethodConfig(BaseModel):
@@ -77,26 +75,6 @@ class Requirements:
                 need = ".".join(map(str, self.min_compute_capability))
                 return f"needs CUDA compute capability >= {need}, this GPU has {have[0]}.{have[1]}"
         return None
-
-
-# A few tokenized batches (on the model's device) for methods that calibrate activation ranges;
-# called with the number of examples wanted.
-CalibrationSource = Callable[[int], list[dict[str, torch.Tensor]]]
-
-
-def calibration_batches(
-    tokenizer: Any, data_dir: Path, device: torch.device, examples: int, batch_size: int = 8, max_length: int = 128
-) -> list[dict[str, torch.Tensor]]:
-    from quantarena.data import read_records
-
-    texts = [r[CALIBRATION_TEXT_COLUMN] for r in read_records(CALIBRATION_DATASET, data_dir, "train")[:examples]]
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        batches.append({k: v.to(device) for k, v in enc.items()})
-    return batches
 
 
 def save_pretrained(model: nn.Module, out_dir: Path) -> None:
@@ -188,6 +166,16 @@ class Method:
 
 
 METHODS: Registry[Method] = Registry("method")
+
+
+def quantize_with_calibration(
+    method: Method, config: MethodConfig, model: nn.Module, tokenizer: Any, data_dir: Path, device: torch.device
+) -> nn.Module:
+    """Apply ``method`` to a loaded float model; calibrating methods get their batches from a training split of
+    the data dir (never an evaluated one), tokenized by the model's tokenizer, on its device."""
+    calibration = partial(calibration_batches, tokenizer, data_dir, device)
+    with torch.no_grad():
+        return method.quantize(model, config, calibration)
 
 
 def register(method: Method) -> Method:

@@ -1,4 +1,4 @@
-"""The project's own weight-only quantizers (format in ``quantarena.ownquant``)."""
+"""The project's own weight-only quantizers (formats and kernels in ``quantarena.ownquant``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from quantarena.errors import ModelError
-from quantarena.kernels import use_triton_kernels
-from quantarena.kernels.cpu_int8 import Int8CpuLinear
 from quantarena.methods.base import (
     Method,
     Requirements,
@@ -22,7 +20,8 @@ from quantarena.methods.base import (
     register,
     replace_linears,
 )
-from quantarena.ownquant import Int4WeightLinear, Int8WeightLinear, WeightOnlyLinear
+from quantarena.ownquant import Int4WeightLinear, Int8WeightLinear, WeightOnlyLinear, use_triton_kernels
+from quantarena.ownquant.cpu import Int8CpuLinear
 
 OWN_FORMAT_FILE = "quantarena_quant.json"
 

@@ -1,7 +1,7 @@
 """optimum-quanto: int8/int4/int2/float8 weights, optionally int8/float8 activations (calibrated), then frozen.
 
 Activation scales are calibrated on a few sentences of SST-2's *train* split (see
-``base.calibration_batches``), never on evaluation data.
+``calibration.calibration_batches``), never on evaluation data.
 
 Calibration is quanto's default (momentum 0.9, ``streamline=True``): streamlining keeps in float the
 outputs of layers that only feed non-quantized ops (attention, the residual adds, SiLU), which

@@ -9,6 +9,6 @@ from quantarena.tasks import (  # noqa: F401  (registration)
     perplexity,
     wikitext,
 )
-from quantarena.tasks.base import TASKS, EvalContext, Task, TaskConfig, TaskOutput
+from quantarena.tasks.base import TASKS, EvalContext, Reference, ReferenceConfig, Task, TaskConfig, TaskOutput
 
-__all__ = ["TASKS", "EvalContext", "Task", "TaskConfig", "TaskOutput"]
+__all__ = ["TASKS", "EvalContext", "Reference", "ReferenceConfig", "Task", "TaskConfig", "TaskOutput"]

@@ -7,14 +7,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from quantarena.models import ModelKind
 from quantarena.registry import Registry
 
-ModelKind = Literal["causal-lm", "sequence-classification"]
 T = TypeVar("T")
 
 
@@ -43,15 +43,23 @@ def _no_progress(done: int, total: int) -> None:
     pass
 
 
-@dataclass(frozen=True)
-class Origin:
-    """Where the evaluated model came from, for tasks that compare it with another variant of the same weights."""
+class ReferenceConfig(TaskConfig):
+    """Options of a task that compares each variant with a reference variant of the same weights (by default
+    the sweep's baseline: the config fills these in from it). The method's name and options are checked
+    against the methods registry where the config is read."""
 
-    model_digest: str
-    method: str
-    method_config: dict[str, Any]
-    # The unquantized model and its tokenizer, loaded afresh (on the CPU, as models.load returns them).
-    load: Callable[[], tuple[torch.nn.Module, Any]]
+    reference_method: str = "fp32"
+    reference_config: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The reference variant of the evaluated one: what identifies it, and how to get it (loaded or quantized
+    by the sweep, possibly from its checkpoint cache) when a task needs its outputs."""
+
+    identity: dict[str, Any]  # model digest and method: equal identities give equal outputs
+    load: Callable[[], torch.nn.Module]
+    is_self: bool = False  # the evaluated variant is the reference itself
 
 
 @dataclass
@@ -62,7 +70,7 @@ class EvalContext:
     batch_size: int
     seed: int
     progress: Callable[[int, int], None] = field(default=_no_progress)
-    origin: Origin | None = None
+    reference: Reference | None = None
 
 
 @dataclass

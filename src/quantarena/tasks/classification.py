@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +10,7 @@ from pydantic import NonNegativeInt, PositiveInt
 
 from quantarena.data import NAMED_DATASETS, read_records, require_columns
 from quantarena.errors import DataError
-from quantarena.measure import median, repeated_ms, timed
+from quantarena.measure import repeated_ms, timed
 from quantarena.metrics import classification_metrics
 from quantarena.tasks.base import EvalContext, Task, TaskConfig, TaskOutput, register
 
@@ -95,7 +96,7 @@ class Classification(Task):
             "inference_s": total.seconds,
             "examples_per_s": n / total.seconds,
             "s_per_example": total.seconds / n,
-            "latency_ms_median": median(latencies_ms),
+            "latency_ms_median": statistics.median(latencies_ms),
             "latency_ms_p90": float(torch.tensor(latencies_ms).quantile(0.9)),
             "latency_examples": len(latencies_ms),
         }

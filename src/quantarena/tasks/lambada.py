@@ -16,11 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from quantarena import loglik
 from quantarena.data import read_records, require_columns
 from quantarena.errors import DataError
-from quantarena.stats import accuracy_stderr
-from quantarena.tasks import scoring
+from quantarena.metrics import accuracy_stderr
+from quantarena.tasks import loglik, scoring
 from quantarena.tasks.base import EvalContext, Task, TaskOutput, register
 
 

@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 
 from quantarena.data import read_records, require_columns
 from quantarena.errors import DataError
-from quantarena.stats import accuracy_stderr
+from quantarena.metrics import accuracy_stderr
 from quantarena.tasks import scoring
 from quantarena.tasks.base import EvalContext, Task, TaskOutput, register
 

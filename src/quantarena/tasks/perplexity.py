@@ -9,7 +9,6 @@ mean over the ``n_tokens`` scored.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from pydantic import PositiveInt, model_validator
 
 from quantarena.data import corpus
 from quantarena.measure import timed
+from quantarena.models import accepts_logits_to_keep
 from quantarena.tasks.base import EvalContext, Task, TaskConfig, TaskOutput, register
 
 
@@ -89,7 +89,7 @@ def sliding_window_perplexity(ctx: EvalContext, text: str, cfg: PerplexityConfig
     """The recipe over ``text`` with ``cfg``'s max_length, stride and max_tokens; per-window sums kept."""
     ids = ctx.tokenizer(text, return_tensors="pt").input_ids[0][: cfg.max_tokens]
     windows = sliding_windows(len(ids), cfg.max_length, cfg.stride)
-    keeps_logits = "logits_to_keep" in inspect.signature(ctx.model.forward).parameters
+    keeps_logits = accepts_logits_to_keep(ctx.model)
     # Windows of equal shape batch together: all full windows after the first share one.
     groups: dict[tuple[int, int], list[int]] = {}
     for i, w in enumerate(windows):

@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import PositiveInt
 
-from quantarena import loglik
 from quantarena.measure import timed
+from quantarena.tasks import loglik
 from quantarena.tasks.base import EvalContext, TaskConfig
 
 

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 from pydantic import PositiveInt, model_validator
 
-from quantarena import loglik
 from quantarena.data import corpus, read_records, read_text, require_columns
 from quantarena.errors import DataError
-from quantarena.tasks import scoring
+from quantarena.tasks import loglik, scoring
 from quantarena.tasks.base import EvalContext, Task, TaskOutput, register
 from quantarena.tasks.perplexity import PerplexityConfig, sliding_window_perplexity
 
