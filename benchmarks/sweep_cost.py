@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from quantarena.data import resolve_data_dir
+
 HERE = Path(__file__).resolve().parent
 METHODS = ["fp32", "own-int8", "own-int4", "bnb-nf4", "hqq-int4"]
 TASKS = [
@@ -72,6 +74,7 @@ def run_cli(src: Path | None, args: list[str], cache: Path, counts: Path) -> flo
         "QUANTARENA_CACHE": str(cache),
         "QUANTARENA_COUNT_FILE": str(counts),
         "HF_HUB_OFFLINE": "1",
+        "QUANTARENA_DATA_DIR": str(resolve_data_dir().resolve()),
     }
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "quantarena", "run", *args], env=env, capture_output=True, text=True)

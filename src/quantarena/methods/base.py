@@ -139,7 +139,9 @@ def finish_loaded(model: nn.Module, device: str) -> nn.Module:
 class Method:
     """A quantization method. ``apply`` quantizes a loaded model in place; ``calibrate``, where given, then
     finishes it with a few batches of text (activation ranges); ``save``/``load`` round-trip it through the
-    backend's own format. ``load`` None means the method has no loader (``reloader`` says what is used)."""
+    backend's own format. ``load`` None means the method has no loader (``reloader`` says what is used).
+    ``cache_checkpoint`` False: applying it again costs less than reloading a saved copy (a dtype cast), so
+    sweeps keep no checkpoint of it, only its measured size."""
 
     name: str
     description: str
@@ -149,6 +151,7 @@ class Method:
     save: Callable[[nn.Module, Path], None] = save_pretrained
     load: Callable[[Path, str], nn.Module] | None = None
     calibrate: Callable[[nn.Module, Any, CalibrationSource], nn.Module] | None = None
+    cache_checkpoint: bool = True
 
     def quantize(self, model: nn.Module, config: Any, calibration: CalibrationSource) -> nn.Module:
         model = self.apply(model, config)

@@ -13,6 +13,8 @@ def _cast_to(dtype: torch.dtype):
     return apply
 
 
-register(Method("fp32", "float32 weights and compute (the reference)", _cast_to(torch.float32)))
-register(Method("fp16", "float16 weights and compute", _cast_to(torch.float16)))
-register(Method("bf16", "bfloat16 weights and compute", _cast_to(torch.bfloat16)))
+# A cast is applied again in each sweep: reloading a cached copy would cost as much as loading the model, and
+# an fp32 copy of an 8B model is 32 GB of disk.
+register(Method("fp32", "float32 weights and compute (the reference)", _cast_to(torch.float32), cache_checkpoint=False))
+register(Method("fp16", "float16 weights and compute", _cast_to(torch.float16), cache_checkpoint=False))
+register(Method("bf16", "bfloat16 weights and compute", _cast_to(torch.bfloat16), cache_checkpoint=False))

@@ -9,6 +9,8 @@ reload, so a truncated or bit-rotted checkpoint is found, dropped and rebuilt ra
 
 Layout: ``<root>/<key>/checkpoint/`` (what the method's ``save`` wrote) and ``<root>/<key>/variant.json``
 (the identity, the files' digests, and the quantization's own figures: ``quantize_s``, ``disk_bytes``...).
+Variants that are quantized again in every run (casts; methods without a loader) keep only their measured
+size, ``<root>/<key>.json``, so no run saves them again just to measure it.
 """
 
 from __future__ import annotations
@@ -100,6 +102,18 @@ class VariantCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return Entry(self._dir(key) / CHECKPOINT_DIR, record)
+
+    def figures(self, key: str) -> dict[str, Any] | None:
+        """The measured size of a variant kept without its checkpoint."""
+        try:
+            figures = json.loads((self.root / f"{key}.json").read_text())
+            return {k: figures[k] for k in ("disk_bytes", "save_s")}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def put_figures(self, key: str, figures: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.root / f"{key}.json", json.dumps(figures, indent=1, sort_keys=True))
 
     def drop(self, key: str) -> None:
         folder = self._dir(key)

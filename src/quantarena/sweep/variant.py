@@ -89,9 +89,10 @@ def _scratch_disk_bytes(save: Callable, model: torch.nn.Module, scratch_dir: Pat
 def prepare(variant: Variant, cache_dir: Path | None, rebuild: bool, scratch_dir: Path) -> Prepared:
     """The variant in memory, from the cache where it round-trips, with its size and preparation figures."""
     method = METHODS.get(variant.method.name)
-    cache = VariantCache(cache_dir) if cache_dir is not None and method.reloader is not None else None
+    cache = VariantCache(cache_dir) if cache_dir is not None else None
+    keeps_checkpoint = cache is not None and method.reloader is not None and method.cache_checkpoint
     key = variant.key()
-    entry, note = cache.get(key) if cache and not rebuild else (None, None)
+    entry, note = cache.get(key) if keeps_checkpoint and not rebuild else (None, None)
     if entry is not None:
         try:
             with measure.timed() as loading:
@@ -104,15 +105,24 @@ def prepare(variant: Variant, cache_dir: Path | None, rebuild: bool, scratch_dir
             note = f"cached checkpoint did not reload ({failure_reason(e)}); quantized again"
     model, tokenizer, load_s, quantize_s = _quantize(variant)
     figures = {"load_s": load_s, "quantize_s": quantize_s}
-    if cache is not None:
+    if keeps_checkpoint:
         entry = cache.put(key, lambda folder: method.save(model, folder), {"identity": variant.identity(), **figures})
-        figures |= {k: entry.record[k] for k in ("disk_bytes", "save_s")}
-    else:
+        return Prepared(
+            model, tokenizer, "quantized", note, figures | {k: entry.record[k] for k in ("disk_bytes", "save_s")}
+        )
+    known = cache.figures(key) if cache is not None and not rebuild else None
+    if known is None:
         disk_bytes, save_s = _scratch_disk_bytes(method.save, model, scratch_dir)
-        figures |= {"disk_bytes": disk_bytes, "save_s": save_s}
-        if cache_dir is not None:
-            note = "not cached: no loader reads its checkpoint back, so it is quantized in every run"
-    return Prepared(model, tokenizer, "quantized", note, figures)
+        known = {"disk_bytes": disk_bytes, "save_s": save_s}
+        if cache is not None:
+            cache.put_figures(key, {"identity": variant.identity(), **known})
+    if cache is not None:
+        note = (
+            "not cached: no loader reads its checkpoint back, so it is quantized in every run"
+            if method.reloader is None
+            else "not cached: applied again in every run, which costs less than reloading a copy"
+        )
+    return Prepared(model, tokenizer, "quantized", note, figures | known)
 
 
 def _reference(cell: Cell, prepared: Prepared, job: Job) -> Reference | None:
