@@ -67,6 +67,16 @@ def tiny_llama_dir(tmp_path_factory, minilm_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A 2-layer random GPT-2: its projections are transformers' Conv1D (weights stored (in, out)), not nn.Linear."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=30522, n_positions=256, n_embd=64, n_layer=2, n_head=4)
+    return _save_with_tokenizer(GPT2LMHeadModel(config).eval(), tmp_path_factory.mktemp("tiny-gpt2"), minilm_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -7,6 +7,8 @@ can start its worker server before them and `--help` answers at once.
 from __future__ import annotations
 
 import functools
+import math
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize a model many ways and compare.")
 # Off a terminal (CI logs, pipes) Rich would wrap tables at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
+# One line per message on stderr, however long: Rich would wrap at 80 columns off a terminal.
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _user_errors(fn):
@@ -41,10 +44,20 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except QuantarenaError as e:
-            err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+            # One line, whatever a user-given name in the message holds.
+            message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+            err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+class Terminated(Exception):
+    """SIGTERM, as systemd, Docker, Slurm and Kubernetes stop a job: handled as Ctrl-C is."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def _value(text: str) -> Any:
@@ -165,12 +178,19 @@ def run(
         raw.pop("model")
     cfg = sweep_config(raw | {k: v for k, v in flags.items() if v})
     progress = SweepProgress()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with progress.bars:
             report = execute(cfg, force=force, on_event=progress)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: finished cells are kept in {cfg.output_dir}; rerun to resume", markup=False)
         raise typer.Exit(130) from None
+    except Terminated:
+        err_console.print(f"terminated: finished cells are kept in {cfg.output_dir}; rerun to resume", markup=False)
+        raise typer.Exit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        workers.stop()
     print_tables(report)
     console.print(f"results: {cfg.output_dir}/results.json, results.csv, results.md, report.html, charts/")
     if any(c.status == "failed" for c in report.runs[0].results.cells):
@@ -189,8 +209,6 @@ Prefer = Annotated[str, typer.Option(help="among variants within the limits pick
 def _limits(max_drop: float, max_memory_mb: float | None, max_latency_ms: float | None, prefer: str) -> Constraints:
     from quantarena.report import Constraints
 
-    if prefer not in ("memory", "latency"):
-        raise QuantarenaError(f"--prefer {prefer!r}: use memory or latency")
     return Constraints(max_drop, max_memory_mb, max_latency_ms, prefer)
 
 
@@ -217,9 +235,16 @@ def report(
     from quantarena.sweep.api import load_runs
 
     limits = _limits(max_drop, max_memory_mb, max_latency_ms, prefer)
+    if bandwidth_gbs is not None and not (math.isfinite(bandwidth_gbs) and bandwidth_gbs > 0):
+        raise QuantarenaError(f"--bandwidth-gbs {bandwidth_gbs}: give a finite number above 0")
     out = output_dir or (results_dirs[0] if len(results_dirs) == 1 else Path("quantarena-report"))
+    if out.exists() and not out.is_dir():
+        raise QuantarenaError(f"report output {out} is a file; give a folder")
     built = Report(load_runs(results_dirs, bandwidth_gbs), limits)
-    write_report(built, out)
+    try:
+        write_report(built, out)
+    except OSError as e:
+        raise QuantarenaError(f"cannot write the report in {out}: {e.strerror or e}") from None
     print_tables(built)
     print_recommendations(built)
     console.print(f"report: {out / 'report.html'} (and results.md, results.csv, report.json, charts/)")
@@ -320,12 +345,23 @@ def quantize(
     device: Device = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
     data_dir: DataDir = None,
+    allow_untrained_head: Annotated[
+        bool, typer.Option(help="a classifier whose checkpoint has no head: quantize it with a new, untrained one")
+    ] = False,
 ) -> None:
     """Quantize a model and save it in the method's own format, reloadable by `quantarena compare`."""
     from quantarena.workflows.roundtrip import quantize_to_disk, weights_on_disk
 
     out_dir = quantize_to_disk(
-        model, _entry(method), out, kind=kind, num_labels=num_labels, device=device, seed=seed, data_dir=data_dir
+        model,
+        _entry(method),
+        out,
+        kind=kind,
+        num_labels=num_labels,
+        device=device,
+        seed=seed,
+        data_dir=data_dir,
+        allow_untrained_head=allow_untrained_head,
     )
     console.print(f"saved {method} to {out_dir} ({weights_on_disk(out_dir) / 1e6:.1f} MB of weights)")
 
@@ -340,13 +376,23 @@ def compare(
     batch_size: Annotated[int, typer.Option()] = 8,
     seed: Annotated[int, typer.Option()] = 0,
     data_dir: DataDir = None,
+    trust_pickle: Annotated[
+        bool, typer.Option(help="load a pickled checkpoint (inductor-int8): only for a folder you made yourself")
+    ] = False,
 ) -> None:
     """Reload a quantized folder with its method's loader and evaluate it next to the original on one task."""
     from quantarena.workflows.roundtrip import compare as run_compare
     from quantarena.workflows.roundtrip import difference_pct
 
     result = run_compare(
-        original, quantized, _entry(task), device=device, batch_size=batch_size, seed=seed, data_dir=data_dir
+        original,
+        quantized,
+        _entry(task),
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        data_dir=data_dir,
+        trust_pickle=trust_pickle,
     )
     table = Table("", "original", "quantized", "difference", title=f"{result.method} · {result.task} · {device}")
     for name, before, after in result.rows():

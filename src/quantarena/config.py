@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
-    NonNegativeFloat,
-    PositiveFloat,
+    Field,
     PositiveInt,
     SerializeAsAny,
     ValidationError,
@@ -33,10 +34,36 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+MAX_LABEL = 120
+
+
+def _printable(text: str) -> str:
+    """Labels are shown in tables, charts, file names and one-line errors: short, and no control characters."""
+    if len(text) > MAX_LABEL:
+        raise ValueError(f"is {len(text):,} characters; keep it to {MAX_LABEL}")
+    if not text or not text.isprintable():
+        raise ValueError(f"{text[:40]!r} is empty or holds control characters (newlines, tabs)")
+    return text
+
+
+def _model_name(text: str) -> str:
+    if "/" in text or "\\" in text or text in (".", ".."):
+        raise ValueError(f"{text!r} must not be a path (no / or \\)")
+    return _printable(text)
+
+
+Label = Annotated[str, AfterValidator(_printable)]
+ModelName = Annotated[str, AfterValidator(_model_name)]
+# torch.manual_seed takes 64 bits; numpy's generators 0 and up.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class LoraOptions(_Strict):
     r: PositiveInt = 8
-    alpha: PositiveFloat = 16
-    dropout: NonNegativeFloat = 0.1
+    alpha: PositiveFinite = 16
+    dropout: NonNegativeFinite = 0.1
     # BERT-family attention projections; other architectures name theirs differently.
     targets: tuple[str, ...] = ("query", "value")
     # QLoRA: train the adapter on a bitsandbytes 4-bit copy of the base (CUDA only).
@@ -53,33 +80,39 @@ class FinetuneConfig(_Strict):
     train_limit: PositiveInt | None = None
     eval_limit: PositiveInt | None = None
     num_labels: PositiveInt = 2
-    epochs: PositiveFloat = 1.0
-    learning_rate: PositiveFloat = 5e-5
-    batch_size: PositiveInt = 32
+    epochs: PositiveFinite = 1.0
+    learning_rate: PositiveFinite = 5e-5
+    batch_size: Annotated[int, Field(ge=1, le=1 << 16)] = 32
     max_length: PositiveInt = 128
-    warmup_ratio: NonNegativeFloat = 0.06
+    warmup_ratio: NonNegativeFinite = 0.06
     lora: LoraOptions | None = None
-    seed: int = 0
+    seed: Seed = 0
 
 
 class ModelSpec(_Strict):
     source: str
-    name: str | None = None
+    name: ModelName | None = None
     gguf_file: str | None = None
     kind: ModelKind | None = None
     num_labels: PositiveInt | None = None
     trust_remote_code: bool = False
+    # A sequence classifier whose checkpoint has no classification head is refused (it would score a random
+    # head) unless this says the untrained head is meant; the report then says so.
+    allow_untrained_head: bool = False
+    # Only safetensors are read from model folders; a folder with only pickle weights (pytorch_model.bin) is
+    # refused unless this allows torch's weights-only unpickler on it.
+    allow_pickle_weights: bool = False
 
 
 class MethodChoice(_Strict):
     name: str
-    label: str
+    label: Label
     config: SerializeAsAny[MethodConfig]
 
 
 class TaskChoice(_Strict):
     name: str
-    label: str
+    label: Label
     config: SerializeAsAny[TaskConfig]
 
 
@@ -89,9 +122,9 @@ class SweepConfig(_Strict):
     tasks: tuple[TaskChoice, ...]
     baseline: str
     device: Literal["cpu", "cuda"] = "cpu"
-    batch_size: PositiveInt = 8
+    batch_size: Annotated[int, Field(ge=1, le=1 << 16)] = 8
     output_dir: Path = Path("runs/latest")
-    seed: int = 0
+    seed: Seed = 0
     data_dir: Path | None = None
     # local: each variant in a fresh child process; inline: in this process; ray: variants as Ray tasks
     # (the executors' registry, checked before the sweep starts).
@@ -99,7 +132,7 @@ class SweepConfig(_Strict):
     ray_address: str | None = None
     # Local executor: a step of a variant (loading and quantizing it, or one task) running longer is killed
     # and its cell(s) marked failed.
-    cell_timeout_s: PositiveFloat | None = None
+    cell_timeout_s: PositiveFinite | None = None
     # Quantized checkpoints are kept here and reloaded by later sweeps (default $QUANTARENA_CACHE/variants).
     cache_dir: Path | None = None
     cache_variants: bool = True
@@ -157,9 +190,15 @@ def _entries(value: Any, what: str) -> list[dict[str, Any]]:
 
 
 def _label(name: str, options: dict[str, Any]) -> str:
+    """``name(key=value,...)``; a long one (a dataset path among the options) is cut, with a digest of the
+    whole so that labels stay distinct."""
     if not options:
         return name
-    return f"{name}({','.join(f'{k}={v}' for k, v in sorted(options.items()))})"
+    label = f"{name}({','.join(f'{k}={v}' for k, v in sorted(options.items()))})"
+    label = "".join(ch if ch.isprintable() else " " for ch in label)
+    if len(label) <= MAX_LABEL:
+        return label
+    return f"{label[: MAX_LABEL - 11]}…{hashlib.sha1(label.encode()).hexdigest()[:8]})"
 
 
 def _as_entry(value: Any) -> dict[str, Any]:
@@ -173,8 +212,8 @@ def method_choice(value: MethodChoice | str | dict[str, Any]) -> MethodChoice:
     entry = _as_entry(value)
     name = entry.pop("name")
     label = entry.pop("label", None) or _label(name, entry)
-    config = validated(METHODS.get(name).config_cls, entry, f"method {label}")
-    return MethodChoice(name=name, label=label, config=config)
+    config = validated(METHODS.get(name).config_cls, entry, f"method {label[:MAX_LABEL]}")
+    return validated(MethodChoice, {"name": name, "label": label, "config": config}, f"method {label[:40]!r}")
 
 
 def task_choice(value: TaskChoice | str | dict[str, Any]) -> TaskChoice:
@@ -184,10 +223,10 @@ def task_choice(value: TaskChoice | str | dict[str, Any]) -> TaskChoice:
     entry = _as_entry(value)
     name = entry.pop("name")
     label = entry.pop("label", None) or _label(name, entry)
-    config = validated(TASKS.get(name).Config, entry, f"task {label}")
+    config = validated(TASKS.get(name).Config, entry, f"task {label[:MAX_LABEL]}")
     if isinstance(config, ReferenceConfig):
         reference_choice(config, f"task {label}")
-    return TaskChoice(name=name, label=label, config=config)
+    return validated(TaskChoice, {"name": name, "label": label, "config": config}, f"task {label[:40]!r}")
 
 
 def reference_choice(config: ReferenceConfig, where: str = "task") -> MethodChoice:

@@ -60,22 +60,72 @@ def dataset_path(dataset: str, data_dir: Path) -> Path:
     return path
 
 
+class Records(list):
+    """Rows of a dataset file, with the line each one starts on (for errors that name it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[int] = []
+
+    def add(self, record: dict, line: int) -> None:
+        self.append(record)
+        self.lines.append(line)
+
+    def line_of(self, index: int) -> int:
+        return self.lines[index] if index < len(self.lines) else index + 1
+
+
+def _jsonl(lines, path: Path) -> Records:
+    records = Records()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"dataset {path} line {number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            kind = "null" if record is None else type(record).__name__
+            raise DataError(f"dataset {path} line {number}: expected a JSON object, got {kind}")
+        records.add(record, number)
+    return records
+
+
+def _delimited(lines, path: Path, tsv: bool) -> Records:
+    """Every row accounted for: a row with more or fewer fields than the header, or a quote that swallows the
+    lines after it, is an error naming its line. TSV has no quoting (as GLUE's files), CSV the standard one."""
+    reader = csv.reader(lines, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    records = Records()
+    header = next(reader, None)
+    for row in reader:
+        if not row:
+            continue
+        if any("\n" in field or "\r" in field for field in row):
+            raise DataError(
+                f"dataset {path} line {reader.line_num}: a quoted field runs over several lines (an unbalanced quote?)"
+            )
+        if len(row) != len(header):
+            raise DataError(f"dataset {path} line {reader.line_num}: {len(row)} fields, the header has {len(header)}")
+        records.add(dict(zip(header, row, strict=True)), reader.line_num)
+    return records
+
+
 def read_records(dataset: str, data_dir: Path, split: str = "test") -> list[dict]:
     if dataset.startswith("hf:"):
         return _read_hf(dataset[3:], split)
     path = dataset_path(dataset, data_dir)
     name = path.name.removesuffix(".gz")
+    if not name.endswith((".jsonl", ".csv", ".tsv")):
+        raise DataError(f"dataset {path}: unsupported file type; use .jsonl, .jsonl.gz, .csv or .tsv")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
-            if name.endswith(".jsonl"):
-                records = [json.loads(line) for line in f if line.strip()]
-            elif name.endswith((".csv", ".tsv")):
-                records = list(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","))
-            else:
-                raise DataError(f"dataset {path}: unsupported file type; use .jsonl, .jsonl.gz, .csv or .tsv")
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, csv.Error) as e:
-        raise DataError(f"dataset {path}: cannot be read ({e})") from None
+        # utf-8-sig: a byte order mark (spreadsheet exports) is not part of the first column's name.
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+            records = _jsonl(f, path) if name.endswith(".jsonl") else _delimited(f, path, name.endswith(".tsv"))
+    except (UnicodeDecodeError, OSError, EOFError, csv.Error) as e:
+        raise DataError(
+            f"dataset {path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     if not records:
         raise DataError(f"dataset {path}: has no records")
     return records
@@ -110,12 +160,19 @@ def _read_hf(name: str, split: str) -> list[dict]:
 
 
 def require_columns(records: list[dict], columns: list[str], dataset: str) -> None:
-    missing = [c for c in columns if c not in records[0]]
-    if missing:
-        raise DataError(
-            f"dataset {dataset}: missing column(s) {', '.join(missing)}; "
-            f"available: {', '.join(records[0])} (set text_column / label_column)"
-        )
+    """Every record has every column, and none of them is null; the first that does not is named with its line."""
+    for i, record in enumerate(records):
+        missing = [c for c in columns if record.get(c) is None]
+        if not missing:
+            continue
+        where = f"line {records.line_of(i)}" if isinstance(records, Records) else f"record {i + 1}"
+        if i == 0 and all(c not in record for c in missing):
+            raise DataError(
+                f"dataset {dataset}: missing column(s) {', '.join(missing)}; "
+                f"available: {', '.join(record)} (set text_column / label_column)"
+            )
+        state = "null" if missing[0] in record else "missing"
+        raise DataError(f"dataset {dataset} {where}: {missing[0]} is {state}")
 
 
 def file_sha256(path: Path) -> str:

@@ -37,9 +37,13 @@ class ResolvedModel:
     path: str
     kind: ModelKind | None
     gguf_file: str | None = None
-    num_labels: int | None = None
+    num_labels: int | None = None  # as given, else as its config says (None: unknown)
     trust_remote_code: bool = False
     digest: str = ""
+    context_length: int | None = None  # positions the model can represent, from its config
+    has_classifier_head: bool = False  # its checkpoint holds a trained sequence-classification head
+    allow_untrained_head: bool = False
+    allow_pickle_weights: bool = False
 
 
 def cache_dir() -> Path:
@@ -50,13 +54,52 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.endswith(".gguf") or source.count("/") > 1
 
 
-def _kind_from_config(folder: Path) -> ModelKind | None:
-    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    if any(a.endswith("ForCausalLM") for a in architectures):
-        return "causal-lm"
+def read_config(folder: Path, source: str) -> dict[str, Any]:
+    """config.json as an object, or one line saying why it cannot be read."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"model {source}: config.json is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"model {source}: config.json holds a {type(config).__name__}, not an object")
+    return config
+
+
+def _architectures(config: Any) -> list[str]:
+    """A config.json dict's or a transformers config's architecture names."""
+    architectures = (config.get("architectures") if isinstance(config, dict) else config.architectures) or []
+    return [a for a in architectures if isinstance(a, str)] if isinstance(architectures, list) else []
+
+
+def kind_of(config: Any) -> ModelKind | None:
+    """What a model's config says it is (a sequence-classification head wins over a language-model one)."""
+    architectures = _architectures(config)
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "sequence-classification"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):  # GPT2LMHeadModel
+        return "causal-lm"
     return None
+
+
+# Where configs keep the positions a model can represent (Llama/BERT, GPT-2, others).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def context_length(config: Any) -> int | None:
+    """The model's context in tokens, from a config.json dict or a transformers config."""
+    for key in CONTEXT_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _config_labels(config: dict[str, Any]) -> int | None:
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    value = config.get("num_labels")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _pypi_folder(package: str) -> Path:
@@ -90,6 +133,7 @@ def locate(source: str, gguf_file: str | None = None) -> tuple[Path | str, str |
         return folder, name
     if not (folder / "config.json").is_file():
         raise ModelError(f"model {source}: {folder} has no config.json (not a transformers model folder)")
+    read_config(folder, source)
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise ModelError(f"model {source}: {folder} has no weights ({' or '.join(WEIGHT_FILES[::2])})")
     for weights in folder.glob("*.safetensors"):
@@ -99,10 +143,30 @@ def locate(source: str, gguf_file: str | None = None) -> tuple[Path | str, str |
     return folder, None
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file is unreadable (bad header, or shorter than its tensors), or None.
+def _only_pickle_weights(folder: Path) -> bool:
+    return not any(folder.glob("*.safetensors")) and any((folder / f).is_file() for f in WEIGHT_FILES[2:])
 
-    Checked before any cell runs, since a truncated download otherwise fails every cell alike.
+
+def _offsets_problem(name: str, entry: Any, data_size: int) -> str | None:
+    if not isinstance(entry, dict):
+        return f"tensor {name[:60]!r} is described by a {type(entry).__name__}, not an object"
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        return f"tensor {name[:60]!r} has no valid data_offsets"
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        return f"tensor {name[:60]!r} spans bytes {begin}..{end} of {data_size}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unreadable (bad header, tensors outside the file), or None.
+
+    Checked before any variant runs, since a truncated download otherwise fails every cell alike.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -116,9 +180,26 @@ def _safetensors_problem(path: Path) -> str | None:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, ValueError):
             return "header is not valid JSON"
-    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
-    expected = 8 + header_len + max(ends, default=0)
-    return None if size >= expected else f"{size} bytes, its tensors need {expected}"
+    if not isinstance(header, dict):
+        return f"header is a {type(header).__name__}, not an object"
+    data_size = size - 8 - header_len
+    for name, entry in header.items():
+        if name != "__metadata__" and (problem := _offsets_problem(name, entry, data_size)):
+            return problem
+    return None
+
+
+def _gguf_problem(path: Path) -> str | None:
+    """Why a GGUF file cannot be read (its header parsed by the gguf package), or None."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        if not reader.tensors:
+            return "it holds no tensors"
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    return None
 
 
 def _hub_snapshot(repo_id: str) -> str:
@@ -219,33 +300,61 @@ def resolve(
     kind: ModelKind | None = None,
     num_labels: int | None = None,
     trust_remote_code: bool = False,
+    allow_untrained_head: bool = False,
+    allow_pickle_weights: bool = False,
 ) -> ResolvedModel:
     """Check a model source at the edge; GGUF sources are converted (cached) to safetensors here."""
     location, gguf = locate(source, gguf_file)
     if gguf:
+        problem = _gguf_problem(Path(location) / gguf)
+        if problem:
+            raise ModelError(f"model {source}: {gguf} is not a readable GGUF file ({problem})")
         location = gguf_to_safetensors(Path(location), gguf)
         kind = kind or "causal-lm"
+    folder = Path(location)
+    if _only_pickle_weights(folder) and not allow_pickle_weights:
+        raise ModelError(
+            f"model {source}: its weights are pickles (pytorch_model.bin), which can run code when loaded; "
+            "convert them to safetensors, or set allow_pickle_weights = true in the model table if you trust them"
+        )
+    config = read_config(folder, source)
+    architectures = _architectures(config)
+    has_head = any(a.endswith("ForSequenceClassification") for a in architectures)
     return ResolvedModel(
         name=name or display_name(source, gguf),
         source=source,
         path=str(location),
-        kind=kind or _kind_from_config(Path(location)),
-        num_labels=num_labels,
+        kind=kind or kind_of(config),
+        num_labels=num_labels or (_config_labels(config) if has_head else None),
         trust_remote_code=trust_remote_code,
-        digest=model_digest(Path(location)),
+        digest=model_digest(folder),
+        context_length=context_length(config),
+        has_classifier_head=has_head,
+        allow_untrained_head=allow_untrained_head,
+        allow_pickle_weights=allow_pickle_weights,
     )
+
+
+def check_classifier_head(model: ResolvedModel, kind: ModelKind) -> None:
+    """Refuse to evaluate a classification head the checkpoint lacks (it would be random) unless allowed."""
+    if kind == "sequence-classification" and not model.has_classifier_head and not model.allow_untrained_head:
+        raise ModelError(
+            f"model {model.name}: its checkpoint has no sequence-classification head, so it would be evaluated "
+            "with an untrained, random head; fine-tune it first (quantarena finetune), or set "
+            "allow_untrained_head = true in the model table"
+        )
 
 
 def quiet_transformers() -> None:
     """Load reports and progress bars would bury quantarena's own one-line messages and tables.
 
-    transformers' Trainer imports torchao whenever it is installed, and torchao warns about every
-    CUDA-only extension it cannot load on a CPU machine (and torch about its enum registrations).
+    transformers imports torchao whenever it is installed, and torchao warns about every CUDA-only extension
+    it cannot load on a CPU machine (and torch about its enum registrations): quieted before the import.
     """
-    import transformers
-
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import transformers
+
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -276,11 +385,19 @@ def load(model: ResolvedModel, kind: ModelKind, seed: int) -> tuple[torch.nn.Mod
     # A freshly initialized head must be the same in every variant of the sweep.
     torch.manual_seed(seed)
     try:
-        loaded = cls.from_pretrained(
-            model.path, dtype=torch.float32, trust_remote_code=model.trust_remote_code, **extra
+        loaded, info = cls.from_pretrained(
+            model.path,
+            dtype=torch.float32,
+            trust_remote_code=model.trust_remote_code,
+            use_safetensors=None if model.allow_pickle_weights else True,
+            output_loading_info=True,
+            **extra,
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"model {model.source}: cannot be loaded as {kind} ({str(e).splitlines()[0]})") from None
+    missing = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("classifier", "score")]
+    if kind == "sequence-classification" and missing and not model.allow_untrained_head:
+        raise ModelError(f"model {model.source}: its checkpoint lacks the classification head ({missing[0]}, ...)")
     return loaded.eval(), load_tokenizer(model.path, loaded, model.trust_remote_code)
 
 

@@ -85,7 +85,7 @@ class Results:
 def read_results(path: Path) -> Results:
     try:
         return Results.from_json(json.loads(Path(path).read_text()))
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise QuantarenaError(f"{path} is not a quantarena results file: {e}") from None
 
 

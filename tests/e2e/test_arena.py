@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import quantarena
 from quantarena.cli import app
+from quantarena.errors import DataError
 from quantarena.methods import METHODS, Method, Requirements
 from quantarena.report import CSV_COLUMNS, Report, table_rows
 
@@ -154,7 +155,7 @@ def test_cell_in_child_process(tmp_path, tiny_llama_dir):
     assert cell.metrics["n_tokens"] == 99
 
 
-def test_bad_label_fails_the_cell_not_the_sweep(tmp_path, tiny_bert_dir):
+def test_a_label_beyond_the_models_labels_is_refused_before_any_work(tmp_path, tiny_bert_dir):
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 7}\n')
     config = quantarena.sweep_config(
@@ -166,7 +167,6 @@ def test_bad_label_fails_the_cell_not_the_sweep(tmp_path, tiny_bert_dir):
             "executor": "inline",
         }
     )
-    cells = quantarena.run(config).cells
-    assert [c.status for c in cells] == ["failed", "failed"]
-    assert "labels [7] out of range for a model with 2 labels" in cells[0].reason
-    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["cells"]) == 2
+    with pytest.raises(DataError, match="label 7 is out of range for tiny-bert"):
+        quantarena.run(config)
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -60,7 +60,7 @@ def test_smollm2_own_int4_bytes(smollm2):
 
 @pytest.fixture(scope="module")
 def minilm(minilm_dir, data_dir):
-    resolved = models.resolve(str(minilm_dir), kind="sequence-classification", num_labels=2)
+    resolved = models.resolve(str(minilm_dir), kind="sequence-classification", num_labels=2, allow_untrained_head=True)
     model, tokenizer = models.load(resolved, "sequence-classification", seed=0)
     sentences = [(data_dir / "sst2" / "validation.jsonl").read_text().splitlines()[i] for i in range(16)]
     batch = tokenizer(sentences, padding=True, return_tensors="pt")

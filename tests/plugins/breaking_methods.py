@@ -3,7 +3,9 @@ one phase only."""
 
 import ctypes
 import time
+from dataclasses import replace
 
+import torch
 from pydantic import NonNegativeFloat, PositiveInt
 
 from quantarena.methods.base import Method, MethodConfig, register
@@ -41,10 +43,24 @@ def _allocate_while_quantizing(model, config: AllocateConfig):
     return model
 
 
-register(Method("test-segfault", "dereferences NULL in the worker", _segfault))
-register(Method("test-sleep", "sleeps, then leaves the model as is", _sleep, SleepConfig))
-register(Method("test-import-error", "imports a missing native backend", _import_error))
-register(Method("test-allocate", "uses memory while quantizing only", _allocate_while_quantizing, AllocateConfig))
+def _nan_weights(model, config):
+    """What an fp16 overflow does: non-finite numbers in the forward."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data.fill_(float("nan"))
+            break
+    return model
+
+
+# They replace no layer: declared, so the sweep does not skip them as methods that quantized nothing.
+for _method in (
+    Method("test-segfault", "dereferences NULL in the worker", _segfault),
+    Method("test-sleep", "sleeps, then leaves the model as is", _sleep, SleepConfig),
+    Method("test-import-error", "imports a missing native backend", _import_error),
+    Method("test-allocate", "uses memory while quantizing only", _allocate_while_quantizing, AllocateConfig),
+    Method("test-nan", "fills a Linear weight with NaN", _nan_weights),
+):
+    register(replace(_method, quantizes_layers=False))
 
 
 class CrashConfig(TaskConfig):

@@ -74,12 +74,12 @@ def test_hanging_cell_times_out(tmp_path, tiny_llama_dir):
     assert (cell.status, cell.reason) == ("failed", "timed out after 20 s")
 
 
-def start_sweep(tmp_path: Path, model_dir: Path) -> tuple[list[str], dict, subprocess.Popen]:
-    """The CLI on three cells, the middle one sleeping 10 s, returned once the first cell is stored."""
+def start_sweep(tmp_path: Path, model_dir: Path, sleep_s: int = 10) -> tuple[list[str], dict, subprocess.Popen]:
+    """The CLI on three cells, the middle one sleeping ``sleep_s``, returned once the first cell is stored."""
     (tmp_path / "sweep.toml").write_text(f'plugins = ["{PLUGIN}"]\n')
     args = [
         sys.executable, "-m", "quantarena", "run", str(tmp_path / "sweep.toml"), "--model", str(model_dir),
-        "--output-dir", str(tmp_path), "--method", "fp32", "--method", "test-sleep:seconds=10",
+        "--output-dir", str(tmp_path), "--method", "fp32", "--method", f"test-sleep:seconds={sleep_s}",
         "--method", "own-int8", "--task", "perplexity:max_tokens=120,max_length=40,stride=20",
     ]  # fmt: skip
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
@@ -128,6 +128,80 @@ def test_ctrl_c_stops_cleanly_keeping_finished_cells(tmp_path, tiny_llama_dir):
     assert "interrupted: finished cells are kept in" in stderr.decode()
     assert [r[1] for r in stored_rows(tmp_path)] == ["ok"]
     assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 1
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (its workers, the fork server and theirs), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    living = set()
+    for pid in pids:
+        try:
+            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            living.add(pid)
+    return living
+
+
+def wait_until_gone(pids: set[int], seconds: float = 20) -> set[int]:
+    deadline = time.monotonic() + seconds
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive(pids)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_sigterm_stops_cleanly_keeping_finished_cells_and_no_worker(tmp_path, tiny_llama_dir):
+    """SIGTERM is how systemd, Docker, Slurm and Kubernetes stop a job: handled as Ctrl-C, exit 143."""
+    _, _, sweep = start_sweep(tmp_path, tiny_llama_dir)
+    workers = descendants(sweep.pid)
+    assert workers
+    sweep.send_signal(signal.SIGTERM)
+    _, stderr = sweep.communicate(timeout=60)
+    assert sweep.returncode == 143
+    lines = stderr.decode().strip().splitlines()
+    assert lines[-1].startswith("terminated: finished cells are kept in") and "Traceback" not in stderr.decode()
+    assert [r[1] for r in stored_rows(tmp_path)] == ["ok"]
+    assert not wait_until_gone(workers)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_a_killed_sweep_leaves_no_worker_running(tmp_path, tiny_llama_dir):
+    _, _, sweep = start_sweep(tmp_path, tiny_llama_dir)
+    workers = descendants(sweep.pid)
+    assert workers
+    sweep.kill()  # the sweep alone, not its process group: its workers must not outlive it
+    sweep.wait()
+    assert not wait_until_gone(workers)
+
+
+def test_a_second_run_into_the_same_dir_is_refused(tmp_path, tiny_llama_dir):
+    args, env, sweep = start_sweep(tmp_path, tiny_llama_dir, sleep_s=120)
+    try:
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        os.killpg(sweep.pid, signal.SIGKILL)
+        sweep.wait()
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"error: output dir {tmp_path} is in use by another quantarena run; wait for it, or use another --output-dir"
+    ]
+    assert [r[1] for r in stored_rows(tmp_path)] == ["ok"]
 
 
 class DiskFull:

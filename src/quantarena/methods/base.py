@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from quantarena import models
 from quantarena.errors import ModelError
 from quantarena.methods.calibration import CalibrationSource, calibration_batches
 from quantarena.registry import Registry
@@ -85,12 +86,12 @@ def auto_model_class(config: Any) -> type:
     """The transformers auto class a saved config belongs to (causal LM or sequence classifier)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    architectures = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return AutoModelForSequenceClassification
-    if any(a.endswith("ForCausalLM") for a in architectures):
-        return AutoModelForCausalLM
-    raise ModelError(f"saved config has architectures {architectures}: neither a causal LM nor a sequence classifier")
+    kind = models.kind_of(config)
+    if kind is None:
+        raise ModelError(
+            f"saved config has architectures {config.architectures}: neither a causal LM nor a sequence classifier"
+        )
+    return AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
 
 
 def load_pretrained(model_dir: Path, device: str = "cpu") -> nn.Module:
@@ -140,8 +141,10 @@ class Method:
     """A quantization method. ``apply`` quantizes a loaded model in place; ``calibrate``, where given, then
     finishes it with a few batches of text (activation ranges); ``save``/``load`` round-trip it through the
     backend's own format. ``load`` None means the method has no loader (``reloader`` says what is used).
-    ``cache_checkpoint`` False: applying it again costs less than reloading a saved copy (a dtype cast), so
-    sweeps keep no checkpoint of it, only its measured size."""
+    ``cache_checkpoint`` False: sweeps keep no checkpoint of it, only its measured size (applying it again costs
+    less than reloading a copy, or the copy is a pickle). ``pickled_checkpoint``: loading what ``save`` wrote
+    unpickles it, which can run code from the folder, so a folder is loaded only when the user says they trust
+    it. ``quantizes_layers`` False: a cast, which changes every layer's dtype and replaces none."""
 
     name: str
     description: str
@@ -152,6 +155,8 @@ class Method:
     load: Callable[[Path, str], nn.Module] | None = None
     calibrate: Callable[[nn.Module, Any, CalibrationSource], nn.Module] | None = None
     cache_checkpoint: bool = True
+    pickled_checkpoint: bool = False
+    quantizes_layers: bool = True
 
     def quantize(self, model: nn.Module, config: Any, calibration: CalibrationSource) -> nn.Module:
         model = self.apply(model, config)
@@ -193,18 +198,82 @@ def module_matches(name: str, patterns: tuple[str, ...]) -> bool:
     )
 
 
-def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module], skip_modules: tuple[str, ...]) -> int:
-    """Replace every nn.Linear not matched by ``skip_modules`` with ``make(linear)``; returns the count."""
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored transposed, (in, out)."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def as_linear(conv1d: nn.Module) -> nn.Linear:
+    """The nn.Linear that computes what a ``Conv1D`` does (its weight transposed to (out, in))."""
+    n_in, n_out = conv1d.weight.shape
+    linear = nn.Linear(n_in, n_out, bias=conv1d.bias is not None, device="meta")
+    linear.weight = nn.Parameter(conv1d.weight.detach().t().contiguous(), requires_grad=False)
+    if conv1d.bias is not None:
+        linear.bias = nn.Parameter(conv1d.bias.detach().clone(), requires_grad=False)
+    return linear.train(conv1d.training)
+
+
+def replace_linears(
+    model: nn.Module,
+    make: Callable[[nn.Linear], nn.Module],
+    skip_modules: tuple[str, ...],
+    conv1d: bool = False,
+) -> int:
+    """Replace every nn.Linear not matched by ``skip_modules`` with ``make(linear)``; returns the count.
+
+    ``conv1d``: transformers' ``Conv1D`` layers too, handed to ``make`` as the equivalent nn.Linear (for
+    formats whose saved layout does not depend on the layer it came from)."""
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and not module_matches(name, skip_modules)
+        if (type(module) is nn.Linear or (conv1d and is_conv1d(module))) and not module_matches(name, skip_modules)
     ]
-    for name, linear in targets:
+    for name, layer in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         with torch.no_grad():
-            new = make(linear)
+            new = make(layer if type(layer) is nn.Linear else as_linear(layer))
         # New modules start in training mode; some backends (bnb int8, quanto) compute differently there.
-        setattr(parent, child_name, new.train(linear.training))
+        setattr(parent, child_name, new.train(layer.training))
     return len(targets)
+
+
+def linear_layers(model: nn.Module) -> dict[str, tuple[type, int]]:
+    """The layers a weight quantizer can replace (nn.Linear, transformers' Conv1D): class and weight bytes."""
+    return {
+        name: (type(m), m.weight.numel() * m.weight.element_size())
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear or is_conv1d(m)
+    }
+
+
+def coverage(before: dict[str, tuple[type, int]], model: nn.Module, float_bytes: int) -> dict[str, Any]:
+    """How much of a model a method quantized: the layers of ``before`` that are gone, replaced, or hold a
+    weight that is no longer a plain float tensor, and the share of the float model's bytes they held."""
+    quantized_bytes, count = 0, 0
+    for name, (cls, nbytes) in before.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # the whole model became something else (a compiled graph)
+            module = None
+        weight = getattr(module, "weight", None)
+        plain = type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point()
+        if type(module) is not cls or not plain:
+            quantized_bytes, count = quantized_bytes + nbytes, count + 1
+    return {
+        "quantized_layers": count,
+        "linear_layers": len(before),
+        "quantized_weight_share": quantized_bytes / float_bytes if float_bytes else 0.0,
+    }
+
+
+def nothing_quantized(method: str, before: dict[str, tuple[type, int]]) -> str:
+    """Why a method that quantized no layer is skipped: which layers the model has."""
+    kinds: dict[str, int] = {}
+    for cls, _ in before.values():
+        kinds[cls.__name__] = kinds.get(cls.__name__, 0) + 1
+    found = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "no Linear or Conv1D layer"
+    return (
+        f"{method} quantized no layer of this model ({found}: none of a kind it handles, or all in skip_modules); "
+        "its numbers would be the float model's"
+    )

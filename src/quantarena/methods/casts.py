@@ -15,6 +15,9 @@ def _cast_to(dtype: torch.dtype):
 
 # A cast is applied again in each sweep: reloading a cached copy would cost as much as loading the model, and
 # an fp32 copy of an 8B model is 32 GB of disk.
-register(Method("fp32", "float32 weights and compute (the reference)", _cast_to(torch.float32), cache_checkpoint=False))
-register(Method("fp16", "float16 weights and compute", _cast_to(torch.float16), cache_checkpoint=False))
-register(Method("bf16", "bfloat16 weights and compute", _cast_to(torch.bfloat16), cache_checkpoint=False))
+for _name, _dtype, _what in (
+    ("fp32", torch.float32, "float32 weights and compute (the reference)"),
+    ("fp16", torch.float16, "float16 weights and compute"),
+    ("bf16", torch.bfloat16, "bfloat16 weights and compute"),
+):
+    register(Method(_name, _what, _cast_to(_dtype), cache_checkpoint=False, quantizes_layers=False))

@@ -12,6 +12,8 @@ sequence classifiers are handled (the LM tasks pass position ids, 4D masks and c
 fixed graph does not take). ``weight_bytes`` counts the quantized graph's tensors; Inductor's packed
 copy of the int8 weights is held besides them and shows in peak RSS. The checkpoint is the quantized
 graph as a ``torch.export`` program (``model.pt2``) beside the model config; loading compiles it again.
+Loading a program unpickles it, so sweeps keep no cached copy (the variant is quantized in every run) and
+``compare`` loads a folder only when told it is trusted.
 """
 
 from __future__ import annotations
@@ -181,5 +183,8 @@ register(
         save=save_program,
         load=load_program,
         calibrate=quantize_static,
+        # torch.export.load unpickles: never reloaded from the cache, from a folder only when trusted.
+        cache_checkpoint=False,
+        pickled_checkpoint=True,
     )
 )

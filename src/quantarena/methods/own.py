@@ -37,19 +37,22 @@ class OwnInt4Config(WeightQuantConfig):
 
 
 def quantize_own_int8(model: nn.Module, config: OwnInt8Config) -> nn.Module:
-    replace_linears(model, Int8WeightLinear.from_linear, config.skip_modules)
+    replace_linears(model, Int8WeightLinear.from_linear, config.skip_modules, conv1d=True)
     use_triton_kernels(model)
     return model
 
 
 def quantize_own_int4(model: nn.Module, config: OwnInt4Config) -> nn.Module:
-    replace_linears(model, lambda lin: Int4WeightLinear.from_linear(lin, config.group_size), config.skip_modules)
+    def make(linear: nn.Linear) -> Int4WeightLinear:
+        return Int4WeightLinear.from_linear(linear, config.group_size)
+
+    replace_linears(model, make, config.skip_modules, conv1d=True)
     use_triton_kernels(model)
     return model
 
 
 def quantize_own_int8_cpu(model: nn.Module, config: OwnInt8Config) -> nn.Module:
-    replace_linears(model, Int8CpuLinear.from_linear, config.skip_modules)
+    replace_linears(model, Int8CpuLinear.from_linear, config.skip_modules, conv1d=True)
     return model
 
 
@@ -59,7 +62,11 @@ def save_own(model: nn.Module, out_dir: Path) -> None:
     model.config.save_pretrained(out_dir)
     save_model(model, str(out_dir / "model.safetensors"))
     modules = {
-        name: {"format": getattr(m, "saved_format", type(m).__name__), "group_size": getattr(m, "group_size", None)}
+        name: {
+            "format": getattr(m, "saved_format", type(m).__name__),
+            "group_size": getattr(m, "group_size", None),
+            "in_features": m.in_features,
+        }
         for name, m in model.named_modules()
         if isinstance(m, WeightOnlyLinear)
     }
@@ -88,7 +95,9 @@ def load_own(model_dir: Path, device: str = "cpu") -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         prefix = f"{name}."
         tensors = {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
-        setattr(parent, child, _own_linear(spec, tensors, getattr(parent, child).in_features))
+        # in_features in the map: the layer it replaces may be a Conv1D, which names its widths otherwise.
+        in_features = spec.get("in_features") or getattr(parent, child).in_features
+        setattr(parent, child, _own_linear(spec, tensors, in_features))
     model.load_state_dict(state, strict=False, assign=True)
     model = finish_loaded(model, device)
     use_triton_kernels(model)

@@ -8,9 +8,11 @@ latency figure in ms (ms/example at batch 1 for classification, ms/token for per
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from quantarena.errors import ConfigError
 from quantarena.report.format import MB, drop_text, latency_label, milliseconds
 from quantarena.report.stats import PairedTest, change_unit, quality_change
 from quantarena.results import CellResult
@@ -22,6 +24,19 @@ class Constraints:
     max_memory_mb: float | None = None
     max_latency_ms: float | None = None
     prefer: Literal["memory", "latency"] = "memory"
+
+    def __post_init__(self):
+        """Limits that cannot mean anything (NaN, negative, infinite) are refused where they are given."""
+        for name, value, strict in (
+            ("max_drop", self.max_drop, False),
+            ("max_memory_mb", self.max_memory_mb, True),
+            ("max_latency_ms", self.max_latency_ms, True),
+        ):
+            if value is not None and not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+                bound = "above 0" if strict else "0 or more"
+                raise ConfigError(f"{name} {value}: give a finite number {bound}")
+        if self.prefer not in ("memory", "latency"):
+            raise ConfigError(f"prefer {self.prefer!r}: use memory or latency")
 
     def describe(self, unit: str) -> str:
         parts = [f"quality drop ≤ {self.max_drop:g}{' pt' if unit == 'pt' else '%'}"]

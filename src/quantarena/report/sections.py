@@ -72,7 +72,8 @@ def comparison_row(report: Report, group: Group, cell: CellResult) -> dict[str, 
     row["Quantize s"] = number(cell.measurements["quantize_s"], 2)
     if cell.variant_source:
         row["Variant"] = "from cache" if cell.variant_source == "cache" else "quantized"
-    return row | {"Status": "ok"}
+    untrained = cell.measurements.get("untrained_head")
+    return row | {"Status": "ok: its classification head was never trained" if untrained else "ok"}
 
 
 def table_rows(report: Report, group: Group) -> tuple[list[str], list[dict[str, str]]]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,6 +62,7 @@ class Stored:
 
 SweepEvent = Planned | Step | Progress | Stored
 OnEvent = Callable[[SweepEvent], None]
+LOCK_FILE = ".quantarena.lock"
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -72,16 +74,21 @@ def _check_writable(output_dir: Path) -> None:
         raise ConfigError(f"output dir {output_dir} is not writable")
 
 
-def plan(config: SweepConfig, resolved: list[ResolvedModel], data_digests: list[str], data_dir: Path) -> list[Cell]:
-    """task × model (where the model can serve the task) × method, in the order the config lists them."""
+def plan(config: SweepConfig, resolved: list[ResolvedModel], data: list[Any], data_dir: Path) -> list[Cell]:
+    """task × model (where the model can serve the task) × method, in the order the config lists them; each
+    task checks each model it will evaluate (context, labels) here, before any work."""
     cells = []
-    for task, digest in zip(config.tasks, data_digests, strict=True):
-        kind = TASKS.get(task.name).model_kind
+    for task, loaded in zip(config.tasks, data, strict=True):
+        task_cls = TASKS.get(task.name)
+        kind = task_cls.model_kind
         serving = [m for m in resolved if m.kind in (None, kind)]
         if not serving:
             have = ", ".join(f"{m.name} ({m.kind})" for m in resolved)
             raise ConfigError(f"task {task.label} needs a {kind} model; the sweep has {have}")
+        digest = content_digest(loaded)
         for model in serving:
+            models.check_classifier_head(model, kind)
+            task_cls(task.config, data_dir).check(loaded, model)
             for method in config.methods:
                 variant = Variant(model, kind, method, config.device, config.seed, data_dir)
                 cells.append(Cell(variant, task, config.batch_size, digest))
@@ -96,13 +103,35 @@ def _finetuned(config: SweepConfig, model: ModelSpec, data_dir: Path) -> ModelSp
     return model.model_copy(update={"source": str(tuned), "name": name, "gguf_file": None})
 
 
+def _distinct(resolved: list[ResolvedModel], specs: list[ModelSpec]) -> list[ResolvedModel]:
+    """Models under names that tell them apart: the same model twice is refused; two folders that share a name
+    (a/tiny, b/tiny) are shown with their parent folder, unless named in the config."""
+    seen: dict[tuple, str] = {}
+    for model in resolved:
+        same = (model.path, model.gguf_file, model.kind, model.num_labels)
+        if same in seen:
+            raise ConfigError(f"model {model.source} is listed twice (as {seen[same]} and {model.name})")
+        seen[same] = model.name
+    names = [m.name for m in resolved]
+    out = []
+    for model, spec in zip(resolved, specs, strict=True):
+        if names.count(model.name) > 1:
+            if spec.name:
+                raise ConfigError(f"two models are named {spec.name!r}; give them distinct names")
+            model = replace(model, name=f"{Path(model.path).parent.name}/{model.name}")
+        out.append(model)
+    if len({m.name for m in out}) < len(out):
+        raise ConfigError(f"models {', '.join(m.source for m in out)} share names; give them distinct names")
+    return out
+
+
 def prepare(config: SweepConfig) -> list[Cell]:
     """Every check that can fail on bad input, before any variant runs (fine-tuning, if asked, too)."""
     check_device(config.device)
     EXECUTORS.get(config.executor)
     _check_writable(config.output_dir)
     data_dir = resolve_data_dir(config.data_dir)
-    digests = [content_digest(TASKS.get(t.name)(t.config, data_dir).load()) for t in config.tasks]
+    data = [TASKS.get(t.name)(t.config, data_dir).load() for t in config.tasks]
     specs = [_finetuned(config, m, data_dir) if config.finetune else m for m in config.models]
     resolved = [
         models.resolve(
@@ -112,10 +141,12 @@ def prepare(config: SweepConfig) -> list[Cell]:
             kind=m.kind,
             num_labels=m.num_labels,
             trust_remote_code=m.trust_remote_code,
+            allow_untrained_head=m.allow_untrained_head,
+            allow_pickle_weights=m.allow_pickle_weights,
         )
         for m in specs
     ]
-    return plan(config, resolved, digests, data_dir)
+    return plan(config, _distinct(resolved, specs), data, data_dir)
 
 
 def cache_dir(config: SweepConfig) -> Path | None:
@@ -134,8 +165,35 @@ def execute(config: SweepConfig, force: bool = False, on_event: OnEvent | None =
     emit = on_event or (lambda event: None)
     if config.executor == "local":
         workers.start()  # its imports overlap with the checks below
+    _check_writable(config.output_dir)
+    with _exclusive(config.output_dir):
+        store = Store(config.output_dir)  # refused here, before any work, if it cannot take results
+        try:
+            return _execute(config, store, force, emit)
+        finally:
+            store.close()
+
+
+@contextlib.contextmanager
+def _exclusive(output_dir: Path) -> Iterator[None]:
+    """One run at a time per output dir: a second one would redo the first's cells and interleave its views."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    with open(output_dir / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(
+                f"output dir {output_dir} is in use by another quantarena run; wait for it, or use another --output-dir"
+            ) from None
+        yield
+
+
+def _execute(config: SweepConfig, store: Store, force: bool, emit: OnEvent) -> Report:
     cells = prepare(config)
-    store = Store(config.output_dir)
     keys = {id(cell): cell.key() for cell in cells}
     todo = cells if force else [cell for cell in cells if not _reuse(store, cell, keys[id(cell)])]
     jobs = jobs_of(
@@ -159,15 +217,12 @@ def execute(config: SweepConfig, force: bool = False, on_event: OnEvent | None =
             emit(Stored(event.result))
 
     try:
-        try:
-            EXECUTORS.get(config.executor)(jobs, on_job_event, lambda done, total: emit(Progress(done, total)), config)
-        except BaseException:
-            with contextlib.suppress(Exception):  # the views of what finished; the first error is the one to see
-                _write_views(store, config.output_dir)
-            raise
-        return _write_views(store, config.output_dir)
-    finally:
-        store.close()
+        EXECUTORS.get(config.executor)(jobs, on_job_event, lambda done, total: emit(Progress(done, total)), config)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the views of what finished; the first error is the one to see
+            _write_views(store, config.output_dir)
+        raise
+    return _write_views(store, config.output_dir)
 
 
 def _reuse(store: Store, cell: Cell, key: str) -> bool:

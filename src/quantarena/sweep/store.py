@@ -39,14 +39,57 @@ CREATE TABLE IF NOT EXISTS runs (
 """
 
 
+# PRAGMA user_version of the stores this version writes; 0 is a store of the first version (cells only).
+STORE_VERSION = 2
+COLUMNS = {"cells": ["key", "status", "record", "finished_at"]}
+
+
 class Store:
-    def __init__(self, output_dir: Path):
+    """``writable``: checked (and the tables made) at once, so a store that cannot take results is refused before
+    any work rather than after the first result, which would be lost."""
+
+    def __init__(self, output_dir: Path, writable: bool = True):
         self.path = Path(output_dir) / STORE_FILE
+        if self.path.exists() and not self.path.is_file():
+            raise QuantarenaError(f"results store {self.path} is not a file")
+        if not writable and not self.path.is_file():
+            raise QuantarenaError(f"{output_dir} holds no {STORE_FILE}")
         try:
             self._db = sqlite3.connect(self.path)
-            self._db.executescript(_SCHEMA)
+            self._check()
+            if writable:
+                with self._db:
+                    self._db.executescript(_SCHEMA)
+                    self._db.execute(f"PRAGMA user_version = {STORE_VERSION}")
         except sqlite3.DatabaseError as e:
-            raise QuantarenaError(f"results store {self.path} cannot be opened: {e}") from None
+            raise QuantarenaError(f"results store {self.path} cannot be used: {e}") from None
+
+    def _check(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > STORE_VERSION:
+            raise QuantarenaError(
+                f"results store {self.path} was written by a newer quantarena (store version {version}, this one "
+                f"knows {STORE_VERSION}): use that version, or another output dir"
+            )
+        health = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        if health != "ok":
+            raise QuantarenaError(f"results store {self.path} is damaged ({health}); move it away to start afresh")
+        for table, expected in COLUMNS.items():
+            columns = [row[1] for row in self._db.execute(f"PRAGMA table_info({table})")]
+            if columns and columns != expected:
+                raise QuantarenaError(
+                    f"results store {self.path} is not a quantarena store (its {table} table has columns "
+                    f"{', '.join(columns)}); move it away or use another output dir"
+                )
+
+    def _record(self, key: str, text: str) -> CellResult:
+        try:
+            return CellResult(**json.loads(text))
+        except (ValueError, TypeError) as e:
+            raise QuantarenaError(
+                f"results store {self.path}: the record of cell {key[:12]} is unreadable ({str(e).splitlines()[0]}); "
+                "move the store away to start afresh"
+            ) from None
 
     def _write(self, sql: str, params: tuple) -> None:
         try:
@@ -57,7 +100,7 @@ class Store:
 
     def get(self, key: str) -> CellResult | None:
         row = self._db.execute("SELECT record FROM cells WHERE key = ?", (key,)).fetchone()
-        return None if row is None else CellResult(**json.loads(row[0]))
+        return None if row is None else self._record(key, row[0])
 
     def put(self, key: str, result: CellResult) -> None:
         self._write(
@@ -73,13 +116,19 @@ class Store:
         )
 
     def results(self) -> Results | None:
-        """Every stored cell, as the latest run sees them; None when no run was recorded."""
+        """Every stored cell, as the latest run sees them; None when no run was recorded (or the store is of the
+        first version, which recorded none: its results.json has them)."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone():
+            return None
         run = self._db.execute("SELECT baseline, environment, config, plan FROM runs ORDER BY id DESC").fetchone()
         if run is None:
             return None
-        baseline, environment, config, plan = run[0], *map(json.loads, run[1:])
-        records = {key: CellResult(**json.loads(record)) for key, record in self._db.execute(
-            "SELECT key, record FROM cells ORDER BY finished_at")}  # fmt: skip
+        try:
+            baseline, environment, config, plan = run[0], *map(json.loads, run[1:])
+        except ValueError as e:
+            raise QuantarenaError(f"results store {self.path}: its last run's record is unreadable ({e})") from None
+        rows = self._db.execute("SELECT key, record FROM cells ORDER BY finished_at")
+        records = {key: self._record(key, record) for key, record in rows}
         planned_keys = [key for key, _ in plan]
         # A planned cell not finished yet still hides an older result under its labels.
         hidden = {tuple(labels) for _, labels in plan}
@@ -95,7 +144,7 @@ def read_dir(output_dir: Path) -> Results:
     """The results of an output dir: from its store, or from a results.json alone (e.g. copied elsewhere)."""
     output_dir = Path(output_dir)
     if (output_dir / STORE_FILE).is_file():
-        store = Store(output_dir)
+        store = Store(output_dir, writable=False)
         try:
             results = store.results()
         finally:

@@ -8,6 +8,7 @@ and the peak while serving each task after it (what a user provisions), the high
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -23,6 +24,7 @@ from quantarena import measure, models
 from quantarena.config import reference_choice
 from quantarena.errors import QuantarenaError
 from quantarena.methods import METHODS, quantize_with_calibration
+from quantarena.methods.base import coverage, linear_layers, nothing_quantized
 from quantarena.ownquant import kernel_summary
 from quantarena.results import CellResult
 from quantarena.sweep.cache import VariantCache
@@ -64,15 +66,26 @@ def failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line} ({Path(where.filename).name}:{where.lineno})"
 
 
-def _quantize(variant: Variant) -> tuple[torch.nn.Module, Any, float, float]:
+class NothingQuantized(QuantarenaError):
+    """The method left every layer as it was: its cells are skipped rather than reported as the float model."""
+
+
+def _quantize(variant: Variant) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """The variant quantized from the float model, with its load and quantize times and what it quantized."""
     method = METHODS.get(variant.method.name)
     device = torch.device(variant.device)
     with measure.timed() as loading:
         model, tokenizer = models.load(variant.model, variant.kind, variant.seed)
     model.to(device)
+    before, float_bytes = linear_layers(model), measure.weight_bytes(model)
     with measure.timed(device) as quantizing:
         model = quantize_with_calibration(method, variant.method.config, model, tokenizer, variant.data_dir, device)
-    return model, tokenizer, loading.seconds, quantizing.seconds
+    figures = {"load_s": loading.seconds, "quantize_s": quantizing.seconds}
+    if method.quantizes_layers:
+        figures |= coverage(before, model, float_bytes)
+        if figures["quantized_layers"] == 0:
+            raise NothingQuantized(nothing_quantized(method.name, before))
+    return model, tokenizer, figures
 
 
 def _scratch_disk_bytes(save: Callable, model: torch.nn.Module, scratch_dir: Path) -> tuple[int, float]:
@@ -84,6 +97,10 @@ def _scratch_disk_bytes(save: Callable, model: torch.nn.Module, scratch_dir: Pat
         return measure.dir_bytes(tmp), saving.seconds
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# A cached variant's figures from the run that quantized it.
+RECORDED = ("quantize_s", "disk_bytes", "save_s", "quantized_layers", "linear_layers", "quantized_weight_share")
 
 
 def prepare(variant: Variant, cache_dir: Path | None, rebuild: bool, scratch_dir: Path) -> Prepared:
@@ -98,13 +115,12 @@ def prepare(variant: Variant, cache_dir: Path | None, rebuild: bool, scratch_dir
             with measure.timed() as loading:
                 model = method.reloader(entry.checkpoint, variant.device)
             tokenizer = models.load_tokenizer(variant.model.path, model, variant.model.trust_remote_code)
-            figures = {k: entry.record[k] for k in ("quantize_s", "disk_bytes", "save_s")}
+            figures = {k: v for k, v in entry.record.items() if k in RECORDED}
             return Prepared(model, tokenizer, "cache", None, figures | {"load_s": loading.seconds})
         except Exception as e:  # a loader that fails on a verified entry: rebuild rather than fail the variant
             cache.drop(key)
             note = f"cached checkpoint did not reload ({failure_reason(e)}); quantized again"
-    model, tokenizer, load_s, quantize_s = _quantize(variant)
-    figures = {"load_s": load_s, "quantize_s": quantize_s}
+    model, tokenizer, figures = _quantize(variant)
     if keeps_checkpoint:
         entry = cache.put(key, lambda folder: method.save(model, folder), {"identity": variant.identity(), **figures})
         return Prepared(
@@ -166,7 +182,16 @@ def evaluate(cell: Cell, prepared: Prepared, job: Job, progress: Progress, first
             serving.pop("peak_rss_bytes", None)  # it would include loading and quantizing
     except Exception as e:
         return cell.result("failed", failure_reason(e), duration_s=time.perf_counter() - started)
+    quality = output.metrics.get(task.quality_metric)
+    if not isinstance(quality, (int, float)) or not math.isfinite(quality):
+        reason = (
+            f"{task.quality_metric} is {quality}: the variant's outputs are not finite numbers "
+            "(an overflow in a low-precision dtype?)"
+        )
+        return cell.result("failed", reason, metrics=output.metrics, duration_s=time.perf_counter() - started)
     measurements = prepared.measurements | {f"serve_{k}": v for k, v in serving.items()}
+    if variant.kind == "sequence-classification" and not variant.model.has_classifier_head:
+        measurements["untrained_head"] = True  # allowed in the model table; the report says so
     return cell.result(
         "ok",
         metrics=output.metrics,
@@ -198,9 +223,10 @@ def run_job(job: Job, progress: Progress) -> Iterator[Event]:
         if kernels:  # which forward the own formats run: fast kernels, or the portable fallback
             prepared.measurements["linear_kernels"] = kernels
     except Exception as e:
+        status = "skipped" if isinstance(e, NothingQuantized) else "failed"
         reason = failure_reason(e)
         for cell in job.cells:
-            yield Finished(cell.key(), cell.result("failed", reason))
+            yield Finished(cell.key(), cell.result(status, reason))
         return
     for i, cell in enumerate(job.cells):
         yield Started(cell.key())

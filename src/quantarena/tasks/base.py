@@ -12,7 +12,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from quantarena.models import ModelKind
+from quantarena.errors import ConfigError
+from quantarena.models import ModelKind, ResolvedModel
 from quantarena.registry import Registry
 
 T = TypeVar("T")
@@ -98,6 +99,18 @@ class Task(ABC):
     @abstractmethod
     def load(self) -> Any:
         """Read and validate the data; raise DataError with one clear line if it is unusable."""
+
+    def check(self, data: Any, model: ResolvedModel) -> None:
+        """Refuse, with one line, a model this task cannot evaluate as configured (before any work).
+
+        Here: a ``max_length`` asked for beyond the positions the model can represent (a default one is cut
+        to the model's context where it is used, and the result records it)."""
+        length, context = getattr(self.config, "max_length", None), model.context_length
+        if context and length and "max_length" in self.config.model_fields_set and length > context:
+            raise ConfigError(
+                f"task {self.name}: max_length {length} exceeds the {context} positions {model.name} can "
+                f"represent; set max_length <= {context}"
+            )
 
     @abstractmethod
     def evaluate(self, ctx: EvalContext, data: Any) -> TaskOutput: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from quantarena.data import NAMED_DATASETS, read_records, require_columns
 from quantarena.errors import DataError
 from quantarena.measure import repeated_ms, timed
 from quantarena.metrics import classification_metrics
+from quantarena.models import ResolvedModel
 from quantarena.tasks.base import EvalContext, Task, TaskConfig, TaskOutput, register
 
 
@@ -31,10 +33,17 @@ class LabeledTexts:
     labels: list[int]
 
 
-def _int_label(value, dataset: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
-        raise DataError(f"dataset {dataset}: label {value!r} is not an integer class id")
-    return int(value)
+def _class_id(value, where: str) -> int:
+    """A class id from an int or a string of ASCII digits (not "--1", not "²", not 0.5, not true)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        label = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*-?[0-9]+\s*", value):
+        label = int(value)
+    else:
+        raise DataError(f"{where}: label {value!r} is not an integer class id")
+    if label < 0:
+        raise DataError(f"{where}: label {label} is negative; class ids are 0, 1, ...")
+    return label
 
 
 @register
@@ -54,11 +63,22 @@ class Classification(Task):
         label_col = cfg.label_column or (named.label_column if named and named.label_column else "label")
         records = read_records(cfg.dataset, self.data_dir, cfg.split)
         require_columns(records, [text_col, label_col], cfg.dataset)
-        records = cfg.select(records)
-        return LabeledTexts(
-            texts=[str(r[text_col]) for r in records],
-            labels=[_int_label(r[label_col], cfg.dataset) for r in records],
-        )
+        lines = getattr(records, "lines", None) or range(1, len(records) + 1)
+        rows = [(str(r[text_col]), _class_id(r[label_col], f"dataset {cfg.dataset} line {line}"))
+                for r, line in zip(records, lines, strict=True)]  # fmt: skip
+        rows = cfg.select(rows)
+        return LabeledTexts(texts=[text for text, _ in rows], labels=[label for _, label in rows])
+
+    def check(self, data: LabeledTexts, model: ResolvedModel) -> None:
+        super().check(data, model)
+        # transformers gives a classifier 2 labels unless told otherwise
+        num_labels = model.num_labels or 2
+        bad = sorted({y for y in data.labels if y >= num_labels})
+        if bad:
+            raise DataError(
+                f"dataset {self.config.dataset}: label {bad[0]} is out of range for {model.name}, which has "
+                f"{num_labels} labels (set num_labels in the model table)"
+            )
 
     def evaluate(self, ctx: EvalContext, data: LabeledTexts) -> TaskOutput:
         cfg = self.config

@@ -24,12 +24,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt, model_validator
+from pydantic import Field, PositiveInt
 
 from quantarena.data import corpus, json_digest
 from quantarena.environment import package_version
@@ -37,7 +37,7 @@ from quantarena.errors import QuantarenaError
 from quantarena.measure import timed
 from quantarena.models import cache_dir
 from quantarena.tasks.base import EvalContext, ReferenceConfig, Task, TaskOutput, register
-from quantarena.tasks.perplexity import Window, sliding_windows
+from quantarena.tasks.perplexity import Window, WindowConfig, sliding_windows, window_length
 
 
 def token_divergence(reference: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,20 +105,11 @@ class ReferenceCache:
         (self.root / f"{key}.json").write_text(json.dumps(identity, indent=1, sort_keys=True))
 
 
-class DivergenceConfig(ReferenceConfig):
-    dataset: str = "wikitext2"
-    split: str = "test"
-    text_column: str = "text"
+class DivergenceConfig(ReferenceConfig, WindowConfig):
     max_length: PositiveInt = 512
     stride: PositiveInt = 256
     # The cache holds vocab x 4 bytes per token (about 200 MB for 1024 tokens of a 49k vocabulary).
-    max_tokens: PositiveInt = 1024
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.stride > self.max_length:
-            raise ValueError(f"stride ({self.stride}) must be <= max_length ({self.max_length})")
-        return self
+    max_tokens: Annotated[int, Field(ge=2)] = 1024
 
 
 def window_logprobs(
@@ -152,11 +143,12 @@ class Divergence(Task):
         if ctx.reference is None:
             raise QuantarenaError("the divergence task needs a reference variant: run it in a sweep")
         ids = ctx.tokenizer(data, return_tensors="pt").input_ids[0][: cfg.max_tokens]
-        windows = sliding_windows(len(ids), cfg.max_length, cfg.stride)
+        max_length, recorded = window_length(cfg, ctx.model)
+        windows = sliding_windows(len(ids), max_length, min(cfg.stride, max_length))
         identity = {
             "reference": ctx.reference.identity,
             "tokens": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
-            "windows": [cfg.max_length, cfg.stride],
+            "windows": [max_length, min(cfg.stride, max_length)],
             "device": ctx.device.type,
             "versions": {p: package_version(p) for p in ("quantarena", "torch", "transformers")},
         }
@@ -191,5 +183,6 @@ class Divergence(Task):
             "n_forwards": len(windows),
             "inference_s": total.seconds,
             "ms_per_token": total.seconds / start * 1000,
+            **recorded,
         }
         return TaskOutput(metrics, {"token_kl": kl_all.tolist()})

@@ -17,9 +17,9 @@ import torch
 from pydantic import NonNegativeInt, PositiveInt
 
 from quantarena.data import corpus
-from quantarena.errors import DataError
+from quantarena.errors import ConfigError, DataError
 from quantarena.measure import peak_rss_bytes, timed
-from quantarena.models import accepts_logits_to_keep
+from quantarena.models import ResolvedModel, accepts_logits_to_keep
 from quantarena.tasks.base import EvalContext, Task, TaskConfig, TaskOutput, register
 
 
@@ -119,6 +119,14 @@ class Generation(Task):
     def load(self) -> str:
         cfg = self.config
         return corpus(cfg.dataset, self.data_dir, cfg.split, cfg.text_column, cfg.select)
+
+    def check(self, data: str, model: ResolvedModel) -> None:
+        total, context = self.config.prompt_tokens + self.config.new_tokens, model.context_length
+        if context and total > context:
+            raise ConfigError(
+                f"task {self.name}: prompt_tokens + new_tokens = {total} exceed the {context} positions "
+                f"{model.name} can represent"
+            )
 
     def evaluate(self, ctx: EvalContext, data: str) -> TaskOutput:
         cfg = self.config

@@ -11,30 +11,48 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from quantarena.data import corpus
 from quantarena.measure import timed
-from quantarena.models import accepts_logits_to_keep
+from quantarena.models import accepts_logits_to_keep, context_length
 from quantarena.tasks.base import EvalContext, Task, TaskConfig, TaskOutput, register
 
 
-class PerplexityConfig(TaskConfig):
+class WindowConfig(TaskConfig):
+    """A text scored in sliding windows of ``max_length`` tokens every ``stride``, up to ``max_tokens``."""
+
     dataset: str = "wikitext2"
     split: str = "test"
     text_column: str = "text"
     max_length: PositiveInt = 1024
     stride: PositiveInt = 512
-    max_tokens: PositiveInt | None = None
+    # Two at least: the first token of a window has no context and is never scored.
+    max_tokens: Annotated[int, Field(ge=2)] | None = None
 
     @model_validator(mode="after")
     def _stride_within_window(self):
         if self.stride > self.max_length:
             raise ValueError(f"stride ({self.stride}) must be <= max_length ({self.max_length})")
         return self
+
+
+class PerplexityConfig(WindowConfig):
+    pass
+
+
+def window_length(config: WindowConfig, model: torch.nn.Module) -> tuple[int, dict[str, int]]:
+    """The window used on ``model`` (the default cut to its context) and the metrics that record it."""
+    context = context_length(model.config) or config.max_length
+    length = min(config.max_length, context)
+    recorded = {"max_length": length}
+    if length < config.max_length:
+        recorded["max_length_clamped_from"] = config.max_length
+    return length, recorded
 
 
 @dataclass(frozen=True)
@@ -88,7 +106,8 @@ class Perplexity(Task):
 def sliding_window_perplexity(ctx: EvalContext, text: str, cfg: PerplexityConfig) -> TaskOutput:
     """The recipe over ``text`` with ``cfg``'s max_length, stride and max_tokens; per-window sums kept."""
     ids = ctx.tokenizer(text, return_tensors="pt").input_ids[0][: cfg.max_tokens]
-    windows = sliding_windows(len(ids), cfg.max_length, cfg.stride)
+    max_length, recorded = window_length(cfg, ctx.model)
+    windows = sliding_windows(len(ids), max_length, min(cfg.stride, max_length))
     keeps_logits = accepts_logits_to_keep(ctx.model)
     # Windows of equal shape batch together: all full windows after the first share one.
     groups: dict[tuple[int, int], list[int]] = {}
@@ -123,6 +142,7 @@ def sliding_window_perplexity(ctx: EvalContext, text: str, cfg: PerplexityConfig
             "inference_s": total.seconds,
             "tokens_per_s": n_tokens / total.seconds,
             "ms_per_token": total.seconds / n_tokens * 1000,
+            **recorded,
         },
         {"window_nll_sum": window_nll_sum, "window_tokens": window_tokens},
     )

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pydantic import PositiveInt, model_validator
 
 from quantarena.data import corpus, read_records, read_text, require_columns
-from quantarena.errors import DataError
+from quantarena.errors import ConfigError, DataError
+from quantarena.models import ResolvedModel
 from quantarena.tasks import loglik, scoring
 from quantarena.tasks.base import EvalContext, Task, TaskOutput, register
 from quantarena.tasks.perplexity import PerplexityConfig, sliding_window_perplexity
@@ -149,6 +150,15 @@ class Wikitext(Task):
             window = cfg.window_config()
             text = corpus(window.dataset, self.data_dir, window.split, window.text_column)
         return WikitextData([Document(p, detokenize(p)) for p in cfg.select(pages)], text)
+
+    def check(self, data: WikitextData, model: ResolvedModel) -> None:
+        super().check(data, model)
+        context = model.context_length
+        if context and "window_length" in self.config.model_fields_set and self.config.window_length > context:
+            raise ConfigError(
+                f"task {self.name}: window_length {self.config.window_length} exceeds the {context} positions "
+                f"{model.name} can represent; set window_length <= {context}"
+            )
 
     def evaluate(self, ctx: EvalContext, data: WikitextData) -> TaskOutput:
         limit, prefix = scoring.max_length(ctx, self.config), loglik.prefix_token_id(ctx.tokenizer)

@@ -19,6 +19,7 @@ import torch
 from quantarena import models
 from quantarena.config import FinetuneConfig, LoraOptions
 from quantarena.data import resolve_data_dir
+from quantarena.environment import check_device
 from quantarena.errors import ConfigError, DataError
 from quantarena.metrics import classification_metrics
 from quantarena.tasks.classification import Classification, ClassificationConfig, LabeledTexts
@@ -185,13 +186,19 @@ def finetune(
     from transformers.integrations import TensorBoardCallback
 
     model_dir = out_dir / "model"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"fine-tune output {out_dir} is a file; give a folder")
     if _finished_with(out_dir, config):
         return model_dir
+    check_device(device)
     _check_quantized_base(config.lora, device)
     data_dir = resolve_data_dir(data_dir)
     train = _load(config, config.train_dataset, config.train_limit, data_dir)
     evaluation = _load(config, config.eval_dataset, config.eval_limit, data_dir)
-    resolved = models.resolve(source, kind="sequence-classification", num_labels=config.num_labels)
+    # The head is new: training it is the point.
+    resolved = models.resolve(
+        source, kind="sequence-classification", num_labels=config.num_labels, allow_untrained_head=True
+    )
     model, tokenizer = models.load(resolved, "sequence-classification", config.seed)
     quantized_base = config.lora.quantized_base if config.lora else None
     if quantized_base:

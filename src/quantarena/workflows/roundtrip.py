@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any, get_args
 
 import torch
+from pydantic import BaseModel, ConfigDict, PositiveInt
 
 from quantarena import measure, models
-from quantarena.config import MethodChoice, TaskChoice, method_choice, task_choice
+from quantarena.config import MethodChoice, TaskChoice, method_choice, task_choice, validated
 from quantarena.data import resolve_data_dir
 from quantarena.environment import check_device
 from quantarena.errors import ConfigError, ModelError
-from quantarena.methods import METHODS, quantize_with_calibration
+from quantarena.methods import METHODS, Method, quantize_with_calibration
 from quantarena.models import ModelKind
 from quantarena.tasks import TASKS, EvalContext
 
@@ -38,13 +39,40 @@ def weights_on_disk(folder: Path) -> int:
     return sum(f.stat().st_size for f in loaded)
 
 
-def _resolve(source: str, kind: ModelKind | None, num_labels: int | None) -> models.ResolvedModel:
+class Marker(BaseModel):
+    """``quantarena_method.json``: which method and options made a quantized folder, from which model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    label: str = ""
+    config: dict[str, Any] = {}
+    source: str = ""
+    kind: ModelKind
+    num_labels: PositiveInt | None = None
+    allow_untrained_head: bool = False
+
+
+def _resolve(
+    source: str, kind: ModelKind | None, num_labels: int | None, allow_untrained_head: bool
+) -> models.ResolvedModel:
     if kind not in (None, *get_args(ModelKind)):
         raise ConfigError(f"kind {kind!r}: use {' or '.join(get_args(ModelKind))}")
-    resolved = models.resolve(source, kind=kind, num_labels=num_labels)
+    if num_labels is not None and num_labels < 1:
+        raise ConfigError(f"num_labels {num_labels}: a classifier has at least 1 label")
+    resolved = models.resolve(source, kind=kind, num_labels=num_labels, allow_untrained_head=allow_untrained_head)
     if resolved.kind is None:
         raise ConfigError(f"model {source}: say what it is (kind = causal-lm or sequence-classification)")
+    models.check_classifier_head(resolved, resolved.kind)
     return resolved
+
+
+def _check_run_options(device: str, seed: int, batch_size: int = 1) -> None:
+    check_device(device)
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"seed {seed}: give a number from 0 to 2**63 - 1")
+    if batch_size < 1:
+        raise ConfigError(f"batch-size {batch_size}: give at least 1")
 
 
 def quantize_to_disk(
@@ -57,11 +85,15 @@ def quantize_to_disk(
     device: str = "cpu",
     seed: int = 0,
     data_dir: Path | None = None,
+    allow_untrained_head: bool = False,
 ) -> Path:
     """Load ``model_source`` in fp32, quantize it with ``method`` and save it, reloadable, to ``out_dir``."""
     choice = method_choice(method)
     spec = METHODS.get(choice.name)
     out_dir = Path(out_dir)
+    _check_run_options(device, seed)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output dir {out_dir} is a file")
     unmet = spec.requires.unmet(device)
     if unmet:
         raise ConfigError(f"method {choice.label} cannot run here: {unmet}")
@@ -69,7 +101,7 @@ def quantize_to_disk(
         raise ConfigError(f"method {choice.label} has no loader for what it saves; it cannot be saved for compare")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"output dir {out_dir} is not empty")
-    resolved = _resolve(model_source, kind, num_labels)
+    resolved = _resolve(model_source, kind, num_labels, allow_untrained_head)
     model, tokenizer = models.load(resolved, resolved.kind, seed)
     model.to(device)
     model = quantize_with_calibration(
@@ -84,6 +116,7 @@ def quantize_to_disk(
         "source": model_source,
         "kind": resolved.kind,
         "num_labels": num_labels,
+        "allow_untrained_head": allow_untrained_head,
     }
     (out_dir / METHOD_FILE).write_text(json.dumps(marker, indent=1))
     return out_dir
@@ -154,20 +187,39 @@ def _evaluate(load, path: str, disk_bytes: int, task, data, device: torch.device
     return side
 
 
-def read_marker(quantized_dir: Path) -> dict[str, Any]:
+def read_marker(quantized_dir: Path) -> tuple[Marker, MethodChoice]:
+    """The folder's marker, checked: a known method with valid options, a known model kind."""
+    path = Path(quantized_dir) / METHOD_FILE
     try:
-        return json.loads((Path(quantized_dir) / METHOD_FILE).read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelError(f"{quantized_dir} has no {METHOD_FILE}: write it with `quantarena quantize`") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path} holds a {type(raw).__name__}, not an object")
+    marker = validated(Marker, raw, str(path))
+    choice = method_choice({"name": marker.method, **marker.config} | ({"label": marker.label} if marker.label else {}))
+    return marker, choice
 
 
-def load_quantized(quantized_dir: Path, device: str = "cpu") -> tuple[torch.nn.Module, Any]:
-    """A folder written by ``quantize_to_disk``, reloaded by its method's own loader."""
-    marker = read_marker(quantized_dir)
-    loader = METHODS.get(marker["method"]).reloader
-    if loader is None:
-        raise ModelError(f"method {marker['method']} has no loader")
-    model = loader(Path(quantized_dir), device)
+def _refuse_pickle(method: Method, quantized_dir: Path, trust_pickle: bool) -> None:
+    if method.pickled_checkpoint and not trust_pickle:
+        raise ModelError(
+            f"{quantized_dir} holds a pickled {method.name} program, and loading a pickle can run code from the "
+            "folder; pass --trust-pickle (trust_pickle=True) only for a folder you made yourself"
+        )
+
+
+def load_quantized(quantized_dir: Path, device: str = "cpu", trust_pickle: bool = False) -> tuple[torch.nn.Module, Any]:
+    """A folder written by ``quantize_to_disk``, reloaded by its method's own loader. A method whose checkpoint
+    is a pickle (loading it can run code from the folder) is loaded only with ``trust_pickle``."""
+    _, choice = read_marker(quantized_dir)
+    method = METHODS.get(choice.name)
+    _refuse_pickle(method, quantized_dir, trust_pickle)
+    if method.reloader is None:
+        raise ModelError(f"method {method.name} has no loader")
+    model = method.reloader(Path(quantized_dir), device)
     return model, models.load_tokenizer(quantized_dir, model)
 
 
@@ -180,16 +232,18 @@ def compare(
     batch_size: int = 8,
     seed: int = 0,
     data_dir: Path | None = None,
+    trust_pickle: bool = False,
 ) -> Comparison:
     """Evaluate the original model and the reloaded quantized one on ``task``, measured alike."""
     choice = task_choice(task)
-    marker = read_marker(quantized_dir)
+    marker, method = read_marker(quantized_dir)
     task_cls = TASKS.get(choice.name)
-    check_device(device)
-    unmet = METHODS.get(marker["method"]).requires.unmet(device)
+    _check_run_options(device, seed, batch_size)
+    _refuse_pickle(METHODS.get(method.name), quantized_dir, trust_pickle)
+    unmet = METHODS.get(method.name).requires.unmet(device)
     if unmet:
-        raise ConfigError(f"method {marker['label']} cannot run here: {unmet}")
-    resolved = _resolve(original, marker["kind"], marker["num_labels"])
+        raise ConfigError(f"method {method.label} cannot run here: {unmet}")
+    resolved = _resolve(original, marker.kind, marker.num_labels, marker.allow_untrained_head)
     if resolved.kind != task_cls.model_kind:
         raise ConfigError(f"task {choice.label} needs a {task_cls.model_kind} model; {original} is {resolved.kind}")
     runner = task_cls(choice.config, resolve_data_dir(data_dir))
@@ -205,7 +259,7 @@ def compare(
             load_original, resolved.path, weights_on_disk(Path(resolved.path)), runner, data, dev, batch_size, seed
         ),
         _evaluate(
-            lambda: load_quantized(Path(quantized_dir), device),
+            lambda: load_quantized(Path(quantized_dir), device, trust_pickle),
             str(quantized_dir),
             weights_on_disk(Path(quantized_dir)),
             runner,
@@ -216,10 +270,10 @@ def compare(
         ),
     ]
     notes = []
-    if marker["source"] != original:
-        notes.append(f"{quantized_dir} was quantized from {marker['source']}, compared with {original}")
+    if marker.source != original:
+        notes.append(f"{quantized_dir} was quantized from {marker.source}, compared with {original}")
     return Comparison(
-        method=marker["label"],
+        method=method.label,
         task=choice.label,
         quality_metric=task_cls.quality_metric,
         higher_is_better=task_cls.higher_is_better,
