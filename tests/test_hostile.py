@@ -555,6 +555,31 @@ def test_compare_refuses_a_pickled_program_unless_trusted(sandbox, tiny_bert_dir
 
 
 @pytest.mark.parametrize(
+    "method, weights",
+    [
+        ("hqq-int4", "qmodel.pt"),
+        ("own-int8", "model.safetensors"),
+        ("quanto-int8", "model.safetensors"),
+        ("torchao-int8-wo", "model.safetensors"),
+        ("bnb-int8", "model.safetensors"),
+        ("fp16", "model.safetensors"),
+    ],
+)
+def test_compare_loads_no_planted_pickle(sandbox, tiny_llama_dir, method, weights):
+    """A shared quantized folder whose weights file is a pickle payload, for each backend's loader: refused on
+    one line, and no code runs (HQQ reads with torch's weights-only unpickler, the others read safetensors)."""
+    marker_file = sandbox / "out" / MARKER
+    folder = quantized_folder(sandbox, GOOD_MARKER | {"method": method})
+    (folder / "config.json").write_bytes((tiny_llama_dir / "config.json").read_bytes())
+    for name in ("quanto_qmap.json", "quantarena_quant.json", "quanto_float_outputs.json"):
+        write(folder / name, "{}")
+    malicious_pickle(folder / weights, marker_file)
+    outcome = invoke(sandbox, "compare", tiny_llama_dir, folder, "--task", PPL)
+    assert not marker_file.exists()
+    refused(outcome, str(folder))
+
+
+@pytest.mark.parametrize(
     "args, words",
     [
         (["--batch-size", "0"], ("batch-size",)),

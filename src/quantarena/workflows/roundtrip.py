@@ -20,7 +20,7 @@ from quantarena import measure, models
 from quantarena.config import MethodChoice, TaskChoice, method_choice, task_choice, validated
 from quantarena.data import resolve_data_dir
 from quantarena.environment import check_device
-from quantarena.errors import ConfigError, ModelError
+from quantarena.errors import ConfigError, ModelError, QuantarenaError
 from quantarena.methods import METHODS, Method, quantize_with_calibration
 from quantarena.models import ModelKind
 from quantarena.tasks import TASKS, EvalContext
@@ -219,7 +219,15 @@ def load_quantized(quantized_dir: Path, device: str = "cpu", trust_pickle: bool 
     _refuse_pickle(method, quantized_dir, trust_pickle)
     if method.reloader is None:
         raise ModelError(f"method {method.name} has no loader")
-    model = method.reloader(Path(quantized_dir), device)
+    try:
+        model = method.reloader(Path(quantized_dir), device)
+    except QuantarenaError:
+        raise
+    except Exception as e:  # a damaged or foreign folder: what the backend's loader said, on one line
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ModelError(
+            f"{quantized_dir}: its {method.name} checkpoint cannot be loaded ({type(e).__name__}: {first})"
+        ) from None
     return model, models.load_tokenizer(quantized_dir, model)
 
 
