@@ -12,7 +12,7 @@ PACKAGE = Path(quantarena.__file__).parent
 # (level 0) and the entry points (level 8) use their neighbours. A method never knows about tasks, a task never
 # knows about methods, and the report knows neither.
 RANKS = {
-    "errors": 0, "registry": 0, "environment": 0, "results": 0, "metrics": 0, "measure": 0,
+    "errors": 0, "numerics": 0, "registry": 0, "environment": 0, "results": 0, "metrics": 0, "measure": 0,
     "data": 1,
     "models": 2,
     "ownquant": 3,

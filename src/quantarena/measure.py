@@ -69,6 +69,8 @@ def _held_tensors(module: nn.Module) -> list[torch.Tensor] | None:
     For these modules the state_dict is not used: it holds serialization-only extras (bnb's packed
     JSON of the quant state, HQQ's encoded metadata) that are not in memory while the model runs.
     """
+    if callable(getattr(module, "held_tensors", None)):  # a module that says what it holds (own CPU int4)
+        return module.held_tensors()
     weight = getattr(module, "weight", None)
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit (Params4bit)
         return list(_quant_state_tensors(weight.quant_state))
@@ -100,12 +102,16 @@ def weight_bytes(model: nn.Module) -> int:
     """
     held = {name: tensors for name, module in model.named_modules() if (tensors := _held_tensors(module)) is not None}
     owners = set(held)
-    state = model.state_dict(keep_vars=True)
+    # Module by module, skipping the walked ones: their state_dict may be made on demand (unpacked for saving).
+    state: dict = {}
+    for name, module in model.named_modules():
+        if not _owner(f"{name}.", owners):
+            module._save_to_state_dict(state, f"{name}.", keep_vars=True)
     tensors = [
         *model.parameters(),
         *model.buffers(),
         *(t for tensors in held.values() for t in tensors),
-        *(t for k, v in state.items() if not _owner(k, owners) for t in _state_tensors(v)),
+        *(t for v in state.values() for t in _state_tensors(v)),
     ]
     seen: dict[tuple, int] = {}
     for t in tensors:

@@ -9,7 +9,7 @@ from quantarena import models
 from quantarena.config import sweep_config
 from quantarena.measure import weight_bytes
 from quantarena.methods import METHODS
-from quantarena.ownquant import Int4WeightLinear
+from quantarena.ownquant import WeightOnlyLinear
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 SMOLLM2_BOUNDS = {"fp16": 0.01, "bf16": 0.05, "own-int8": 0.05, "own-int4": 0.35}
 
 
-def apply(name: str, model: torch.nn.Module) -> torch.nn.Module:
-    choice = sweep_config({"model": "m", "methods": [name], "tasks": ["perplexity"]}).methods[0]
+def apply(name: str, model: torch.nn.Module, **options) -> torch.nn.Module:
+    method = {"name": name, **options}
+    choice = sweep_config({"model": "m", "methods": [method], "tasks": ["perplexity"]}).methods[0]
     return METHODS.get(name).apply(copy.deepcopy(model), choice.config)
 
 
@@ -48,14 +49,17 @@ def test_smollm2_logit_error(smollm2, method):
 
 def test_smollm2_own_int4_bytes(smollm2):
     model, _, _ = smollm2
-    quantized = apply("own-int4", model)
-    layers = [m for m in quantized.modules() if isinstance(m, Int4WeightLinear)]
-    assert len(layers) == 30 * 7
-    fp16_bytes = sum(m.in_features * m.out_features * 2 for m in layers)
-    assert sum(weight_bytes(m) for m in layers) <= 0.30 * fp16_bytes
-    # lm_head is tied to the embeddings and kept in fp32: counted once, in the whole-model total.
-    embedding = 49152 * 576 * 4
-    assert weight_bytes(quantized) < embedding + 0.30 * fp16_bytes + 1_000_000
+    # The own format: 4.5 bits a weight (fp16 scale and min per 64); on the CPU kernel's path, 4 bytes more a
+    # group (its bf16 scale and zero point).
+    for kernel, share in [("pytorch", 0.285), ("auto", 0.315)]:
+        quantized = apply("own-int4", model, kernel=kernel)
+        layers = [m for m in quantized.modules() if isinstance(m, WeightOnlyLinear)]
+        assert len(layers) == 30 * 7
+        fp16_bytes = sum(m.in_features * m.out_features * 2 for m in layers)
+        assert sum(weight_bytes(m) for m in layers) <= share * fp16_bytes
+        # lm_head is tied to the embeddings and kept in fp32: counted once, in the whole-model total.
+        embedding = 49152 * 576 * 4
+        assert weight_bytes(quantized) < embedding + share * fp16_bytes + 1_000_000
 
 
 @pytest.fixture(scope="module")

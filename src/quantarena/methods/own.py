@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from pydantic import PositiveInt
@@ -21,25 +22,46 @@ from quantarena.methods.base import (
     replace_linears,
 )
 from quantarena.ownquant import Int4WeightLinear, Int8WeightLinear, WeightOnlyLinear, use_triton_kernels
-from quantarena.ownquant.cpu import Int8CpuLinear
+from quantarena.ownquant.cpu import Int8CpuLinear, use_cpu_kernels
 
 OWN_FORMAT_FILE = "quantarena_quant.json"
+# Where a quantized model keeps the kernel choice, so that saving records it and a reload makes the same one.
+KERNEL_ATTR = "quantarena_kernel"
+
+Kernel = Literal["auto", "pytorch"]
 
 
-class OwnInt8Config(WeightQuantConfig):
+class OwnQuantConfig(WeightQuantConfig):
+    # auto: the Triton kernels on CUDA, PyTorch's packed-weight kernels on the CPU, for every layer they fit;
+    # pytorch: the portable dequantize-then-matmul path everywhere (the reference the kernels are tested against).
+    kernel: Kernel = "auto"
+
+
+class OwnInt8Config(OwnQuantConfig):
     pass
 
 
-class OwnInt4Config(WeightQuantConfig):
+class OwnInt8CpuConfig(WeightQuantConfig):
+    pass
+
+
+class OwnInt4Config(OwnQuantConfig):
     # 64 as bitsandbytes' NF4 blocksize: on SmolLM2-135M it halves the perplexity loss of 128
     # for 0.28x the fp16 bytes instead of 0.27x.
     group_size: PositiveInt = 64
 
 
+def use_kernels(model: nn.Module, kernel: Kernel) -> nn.Module:
+    setattr(model, KERNEL_ATTR, kernel)
+    if kernel == "auto":
+        use_triton_kernels(model)
+        use_cpu_kernels(model)
+    return model
+
+
 def quantize_own_int8(model: nn.Module, config: OwnInt8Config) -> nn.Module:
     replace_linears(model, Int8WeightLinear.from_linear, config.skip_modules, conv1d=True)
-    use_triton_kernels(model)
-    return model
+    return use_kernels(model, config.kernel)
 
 
 def quantize_own_int4(model: nn.Module, config: OwnInt4Config) -> nn.Module:
@@ -47,11 +69,10 @@ def quantize_own_int4(model: nn.Module, config: OwnInt4Config) -> nn.Module:
         return Int4WeightLinear.from_linear(linear, config.group_size)
 
     replace_linears(model, make, config.skip_modules, conv1d=True)
-    use_triton_kernels(model)
-    return model
+    return use_kernels(model, config.kernel)
 
 
-def quantize_own_int8_cpu(model: nn.Module, config: OwnInt8Config) -> nn.Module:
+def quantize_own_int8_cpu(model: nn.Module, config: OwnInt8CpuConfig) -> nn.Module:
     replace_linears(model, Int8CpuLinear.from_linear, config.skip_modules, conv1d=True)
     return model
 
@@ -70,7 +91,8 @@ def save_own(model: nn.Module, out_dir: Path) -> None:
         for name, m in model.named_modules()
         if isinstance(m, WeightOnlyLinear)
     }
-    (out_dir / OWN_FORMAT_FILE).write_text(json.dumps({"version": 1, "modules": modules}, indent=1))
+    kernel = getattr(model, KERNEL_ATTR, "auto")
+    (out_dir / OWN_FORMAT_FILE).write_text(json.dumps({"version": 1, "modules": modules, "kernel": kernel}, indent=1))
 
 
 def _own_linear(spec: dict, tensors: dict[str, torch.Tensor], in_features: int) -> WeightOnlyLinear:
@@ -100,8 +122,10 @@ def load_own(model_dir: Path, device: str = "cpu") -> nn.Module:
         setattr(parent, child, _own_linear(spec, tensors, in_features))
     model.load_state_dict(state, strict=False, assign=True)
     model = finish_loaded(model, device)
-    use_triton_kernels(model)
-    return model
+    kernel = qmap.get("kernel", "auto")
+    if kernel not in get_args(Kernel):
+        raise ModelError(f"{OWN_FORMAT_FILE}: unknown kernel {kernel!r}; valid: {', '.join(get_args(Kernel))}")
+    return use_kernels(model, kernel)
 
 
 def load_own_int8_cpu(model_dir: Path, device: str = "cpu") -> nn.Module:
@@ -131,7 +155,7 @@ register(
         "quantarena int8 per-channel weights (own-int8's format), int8 x int8 on the CPU: FBGEMM with "
         "activations quantized per call",
         quantize_own_int8_cpu,
-        OwnInt8Config,
+        OwnInt8CpuConfig,
         requires=Requirements(devices=("cpu",)),
         save=save_own,
         load=load_own_int8_cpu,

@@ -1,4 +1,20 @@
-"""The own int8 format on the CPU through PyTorch's quantized engine (FBGEMM / oneDNN): int8 x int8.
+"""The own formats on the CPU, through kernels PyTorch ships.
+
+Weight-only (own-int8 and own-int4 on the CPU, unless their config says ``kernel="pytorch"``): decode steps (one
+new position per sequence, where every weight byte is read for one token) run PyTorch's packed-weight kernels,
+what gpt-fast and torchao's Int4CPULayout run, with bf16 activations: their fp32 paths are scalar references.
+Every other forward, and every forward of a scoring task (``quantarena.numerics.exact``), dequantizes the same
+codes and multiplies in fp32 as the portable path does, so every scored number is the portable path's (to MKL's
+last-bit rounding, which can depend on where a freshly dequantized weight lies in memory).
+
+* own int8: ``aten._weight_int8pack_mm`` reads the own int8 tensors as they are (per output channel, symmetric).
+* own int4: ``aten._weight_int4pack_mm_for_cpu`` takes the codes in its own packed layout (same bytes as the own
+  ``qweight``, which ``state_dict`` gives back, so the checkpoint is an own-int4 one) and a bf16 scale and zero
+  point per group (4 bytes a group beyond the own fp16 scale and min, counted in the weight bytes). The layout
+  depends on the CPU's vector width; a layer is converted only when its codes read back exactly, and otherwise
+  keeps the portable path.
+
+int8 x int8 through PyTorch's quantized engine (FBGEMM / oneDNN), the own-int8-cpu method:
 
 The weights are exactly the own int8 ones (per output channel, symmetric, fp32 scales) handed to
 ``quantized::linear_prepack``; each call quantizes the activations per tensor (dynamic, asymmetric
@@ -12,14 +28,27 @@ The packed weight is the only copy held; ``state_dict`` unpacks it to the own in
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
 from torch import nn
 
-from quantarena.ownquant.formats import Int8WeightLinear, WeightOnlyLinear, quantize_int8_per_channel
+from quantarena import numerics
+from quantarena.ownquant.formats import (
+    Int4WeightLinear,
+    Int8WeightLinear,
+    WeightOnlyLinear,
+    dequantize_int4_codes,
+    quantize_int8_per_channel,
+    unpack_int4,
+)
 
 REDUCE_RANGE = True
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+# The kernel's packed rows come in blocks of 4 vectors of floats: 64 rows with AVX512, 32 with AVX2.
+INT4PACK_BLOCK_ROWS = (64, 32)
+INT4PACK_OFFSET = 8
 
 
 def cpu_int8_available() -> bool:
@@ -67,3 +96,143 @@ class Int8CpuLinear(WeightOnlyLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel (FBGEMM)"
+
+
+def decode_step(x: torch.Tensor) -> bool:
+    """One new position per sequence (batch, 1, features), outside scoring: a decode step, which reads every
+    weight for one token."""
+    return x.dim() == 3 and x.shape[1] == 1 and not numerics.is_exact()
+
+
+def _packed_kernel(x: torch.Tensor, matmul, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """A decode step through a packed-weight kernel, its activations in bf16 (the kernels' fp32 paths are scalar
+    references, 8-60x slower than an fp32 GEMM here); the output back in the input's dtype."""
+    y = matmul(x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()).to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _int8pack_forward(self: Int8WeightLinear, x: torch.Tensor) -> torch.Tensor:
+    if not decode_step(x):
+        return WeightOnlyLinear.forward(self, x)
+    scales = self.scales.to(torch.bfloat16)
+    return _packed_kernel(x, lambda a: torch._weight_int8pack_mm(a, self.qweight, scales), self.bias, self.out_features)
+
+
+def _int4pack_layout(packed: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """The (N, K) values of the kernel's packed weights, if they are laid out in blocks of ``block_rows`` rows:
+    for each block and each k, byte j holds row j in its low nibble and row j + block_rows / 2 in its high one."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.view(n // block_rows, k, block_rows // 2)
+    q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1)
+    return q.permute(0, 2, 1).reshape(n, k)
+
+
+class Int4PackedCpuLinear(WeightOnlyLinear):
+    """An own int4 layer whose codes are held in the layout of PyTorch's CPU int4 kernel.
+
+    Decode steps run the kernel (bf16 activations, bf16 scale and zero point per group); everything else (prompts,
+    scoring) dequantizes the same codes with the own fp16 scales and mins and multiplies in fp32, as the
+    portable path does.
+    """
+
+    kernel = "int4pack_mm"
+    saved_format = Int4WeightLinear.__name__  # the checkpoint is an own-int4 one
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor,
+        block_rows: int,
+        group_size: int,
+        in_features: int,
+        bias: torch.Tensor | None = None,
+    ):
+        super().__init__(in_features, packed.shape[0], bias)
+        self.group_size = group_size
+        self.block_rows = block_rows
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+        # The kernel's w = (q - 8) * scale + zero is the own q * scale + min with zero = min + 8 * scale.
+        zeros = mins.float() + INT4PACK_OFFSET * scales.float()
+        self.register_buffer(
+            "scales_and_zeros",
+            torch.stack([scales.float(), zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous(),
+        )
+
+    @classmethod
+    def from_own(cls, module: Int4WeightLinear) -> Int4PackedCpuLinear | None:
+        """The kernel's form of an own int4 layer, or None where the kernel cannot hold it."""
+        n, k = module.out_features, module.in_features
+        if module.group_size not in INT4PACK_GROUP_SIZES or k % module.group_size or n % 16:
+            return None
+        q = unpack_int4(module.qweight, k)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        layout = next(
+            (b for b in INT4PACK_BLOCK_ROWS if n % b == 0 and torch.equal(_int4pack_layout(packed, b), q)), None
+        )
+        if layout is None:  # a layout this module cannot read back (a partial row block, a scalar build)
+            return None
+        return cls(packed, module.scales, module.mins, layout, module.group_size, k, module.bias)
+
+    def codes(self) -> torch.Tensor:
+        return _int4pack_layout(self.packed, self.block_rows)
+
+    def own_tensors(self) -> dict[str, torch.Tensor]:
+        q = self.codes()
+        tensors = {"qweight": (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), "scales": self.scales, "mins": self.mins}
+        return tensors if self.bias is None else {**tensors, "bias": self.bias}
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """What this layer keeps in memory (the own ``qweight`` of ``state_dict`` is made when saving)."""
+        return [*self.buffers(), *self.parameters()]
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4_codes(self.codes(), self.scales, self.mins, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not decode_step(x):
+            return super().forward(x)
+
+        def matmul(a: torch.Tensor) -> torch.Tensor:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.packed, self.group_size, self.scales_and_zeros)
+
+        return _packed_kernel(x, matmul, self.bias, self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for name, tensor in self.own_tensors().items():
+            destination[prefix + name] = tensor
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
+            " (int4pack_mm)"
+        )
+
+
+def use_cpu_kernels(model: nn.Module) -> int:
+    """Run the own int8/int4 linears of a CPU model through PyTorch's packed-weight CPU kernels.
+
+    int8 layers keep their tensors and get the kernel's forward; int4 layers are replaced by their kernel form
+    where it holds them exactly. Returns how many layers now run a CPU kernel.
+    """
+    count = 0
+    for name, module in list(model.named_modules()):
+        if type(module) not in (Int8WeightLinear, Int4WeightLinear) or module.qweight.device.type != "cpu":
+            continue
+        if module.kernel != WeightOnlyLinear.kernel:  # already on another path
+            continue
+        if isinstance(module, Int8WeightLinear):
+            module.forward = types.MethodType(_int8pack_forward, module)
+            module.kernel = "int8pack_mm"
+            count += 1
+            continue
+        converted = Int4PackedCpuLinear.from_own(module)
+        if converted is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, converted)
+            count += 1
+    return count

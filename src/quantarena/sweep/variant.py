@@ -176,7 +176,7 @@ def evaluate(cell: Cell, prepared: Prepared, job: Job, progress: Progress, first
             progress,
             _reference(cell, prepared, job),
         )
-        output = task.evaluate(ctx, data)
+        output = task.run(ctx, data)
         serving = measure.peak_memory(device)
         if not fresh_peak:
             serving.pop("peak_rss_bytes", None)  # it would include loading and quantizing

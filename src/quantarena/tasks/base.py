@@ -12,6 +12,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from quantarena import numerics
 from quantarena.errors import ConfigError
 from quantarena.models import ModelKind, ResolvedModel
 from quantarena.registry import Registry
@@ -91,6 +92,9 @@ class Task(ABC):
     quality_metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
     latency_metric: ClassVar[str]
+    # Scores are computed on exact numerics (every kernel gives the reference path's numbers); a task that times
+    # decoding sets this False so the fast kernels are what it times.
+    exact_numerics: ClassVar[bool] = True
 
     def __init__(self, config: TaskConfig, data_dir: Path):
         self.config = config
@@ -114,6 +118,11 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, ctx: EvalContext, data: Any) -> TaskOutput: ...
+
+    def run(self, ctx: EvalContext, data: Any) -> TaskOutput:
+        """``evaluate`` under the numerics the task asks for."""
+        with numerics.exact(self.exact_numerics):
+            return self.evaluate(ctx, data)
 
 
 TASKS: Registry[type[Task]] = Registry("task")

@@ -174,7 +174,7 @@ def _evaluate(load, path: str, disk_bytes: int, task, data, device: torch.device
     model, tokenizer = load()
     ctx = EvalContext(model, tokenizer, device, batch_size, seed)
     torch.manual_seed(seed)
-    output = task.evaluate(ctx, data)
+    output = task.run(ctx, data)
     side = Side(
         path=path,
         disk_bytes=disk_bytes,

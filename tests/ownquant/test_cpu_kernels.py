@@ -1,0 +1,187 @@
+"""own-int8 and own-int4 on the CPU through PyTorch's packed-weight kernels: prompts give exactly the portable
+path's numbers, decode steps the same within bf16 rounding (the kernels run bf16 activations), the own tensors
+come back when saving, and the weight bytes are what the layers hold."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from quantarena import numerics
+from quantarena.measure import weight_bytes
+from quantarena.methods import METHODS
+from quantarena.ownquant import Int4WeightLinear, Int8WeightLinear, kernel_summary
+from quantarena.ownquant.cpu import Int4PackedCpuLinear, use_cpu_kernels
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def same_fp32(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    """The same fp32 arithmetic on the same weights: MKL may round a last bit differently on a differently
+    aligned (freshly dequantized) weight, nothing more."""
+    return y.dtype == ref.dtype == torch.float32 and torch.allclose(y, ref, rtol=1e-6, atol=1e-7)
+
+
+def own_int4(n: int, k: int, group_size: int, bias: bool, seed: int = 0) -> Int4WeightLinear:
+    torch.manual_seed(seed)
+    return Int4WeightLinear.from_linear(nn.Linear(k, n, bias=bias), group_size)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n, k, group_size", [(64, 128, 32), (96, 256, 64), (128, 384, 128), (64, 512, 256)])
+def test_int4_kernel_form_holds_the_own_tensors_and_matches_the_portable_path(n, k, group_size, bias):
+    own = own_int4(n, k, group_size, bias)
+    packed = Int4PackedCpuLinear.from_own(own)
+    assert packed is not None
+    back = packed.own_tensors()
+    assert torch.equal(back["qweight"], own.qweight)
+    assert torch.equal(back["scales"], own.scales) and torch.equal(back["mins"], own.mins)
+    assert ("bias" in back) == bias
+    with torch.inference_mode():
+        for shape in [(1, k), (7, k), (2, 5, k)]:  # prompts and plain batches: the portable path's numbers
+            x = torch.randn(*shape)
+            assert same_fp32(packed(x), own(x))
+        for batch in (1, 3):  # decode steps: the kernel
+            x = torch.randn(batch, 1, k)
+            y = packed(x)
+            assert y.shape == (batch, 1, n) and y.dtype == torch.float32
+            assert rel_err(y, own(x)) < 1e-2
+        with numerics.exact():  # scoring: one position per row is no decode step
+            assert same_fp32(packed(x), own(x))
+    assert torch.equal(packed.dequantize(), own.dequantize())
+
+
+@pytest.mark.parametrize(
+    "n, k, group_size",
+    [
+        (45, 128, 64),  # rows not a multiple of the kernel's 16
+        (64, 160, 64),  # a partial last group
+        (64, 128, 16),  # a group size the kernel does not take
+    ],
+)
+def test_layers_the_kernel_cannot_hold_keep_the_portable_path(n, k, group_size):
+    own = own_int4(n, k, group_size, bias=False)
+    assert Int4PackedCpuLinear.from_own(own) is None
+    model = nn.Sequential(own)
+    x = torch.randn(2, k)
+    with torch.inference_mode():
+        ref = model(x)
+        assert use_cpu_kernels(model) == 0
+        assert torch.equal(model(x), ref)
+    assert kernel_summary(model) == {"pytorch": 1}
+
+
+def test_int8_kernel_reads_the_own_tensors_in_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Int8WeightLinear.from_linear(nn.Linear(96, 48)),
+        nn.ReLU(),
+        Int8WeightLinear.from_linear(nn.Linear(48, 32, bias=False)),
+    )
+    prompt, step = torch.randn(2, 3, 96), torch.randn(2, 1, 96)
+    with torch.inference_mode():
+        ref_prompt, ref_step = model(prompt), model(step)
+        tensors = {k: v.clone() for k, v in model.state_dict().items()}
+        assert use_cpu_kernels(model) == 2
+        assert same_fp32(model(prompt), ref_prompt)
+        assert rel_err(model(step), ref_step) < 1e-2
+    assert kernel_summary(model) == {"int8pack_mm": 2}
+    assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items())
+
+
+def test_weight_bytes_count_what_the_kernel_form_holds():
+    own = own_int4(64, 128, 32, bias=True)
+    portable = weight_bytes(nn.Sequential(own))
+    held = weight_bytes(nn.Sequential(Int4PackedCpuLinear.from_own(own)))
+    # The own tensors' bytes (the codes in the kernel's layout) and the kernel's bf16 scale and zero point.
+    scale_bytes = own.scales.numel() * own.scales.element_size()
+    assert held == portable + 2 * scale_bytes
+
+
+@pytest.mark.parametrize("method_name", ["own-int4", "own-int8"])
+def test_method_runs_the_kernels_saves_the_own_format_and_reloads_them(tiny_llama_dir, tmp_path, method_name):
+    method = METHODS.get(method_name)
+    ids = torch.randint(0, 30522, (2, 11))
+
+    def quantized(kernel: str) -> nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+        return method.apply(model, method.config_cls(kernel=kernel))
+
+    fast, portable = quantized("auto"), quantized("pytorch")
+    fast_kernels = kernel_summary(fast)
+    assert kernel_summary(portable) == {"pytorch": 14}
+    assert sum(fast_kernels.values()) == 14
+    # Every layer whose shape the kernel takes on any CPU runs it (the 160-wide down projection has a partial
+    # int4 group and stays portable).
+    expected = {"int8pack_mm": 14} if method_name == "own-int8" else None
+    if expected:
+        assert fast_kernels == expected
+    else:
+        assert fast_kernels.get("int4pack_mm", 0) >= 4 and fast_kernels.get("pytorch", 0) >= 2
+    with torch.inference_mode():
+        assert same_fp32(fast(input_ids=ids).logits, portable(input_ids=ids).logits)
+        fast_tokens = fast.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        portable_tokens = portable.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        # A random model's next-token margins are tiny, so only the first step (the prompt) must agree exactly.
+        assert fast_tokens[0, 11] == portable_tokens[0, 11]
+
+    method.save(fast, tmp_path / "fast")
+    method.save(portable, tmp_path / "portable")
+    fast_tensors, portable_tensors = (load_file(tmp_path / d / "model.safetensors") for d in ("fast", "portable"))
+    assert fast_tensors.keys() == portable_tensors.keys()
+    assert all(torch.equal(fast_tensors[k], portable_tensors[k]) for k in fast_tensors)
+
+    reloaded = method.reloader(tmp_path / "fast", "cpu")
+    assert kernel_summary(reloaded) == fast_kernels
+    assert weight_bytes(reloaded) == weight_bytes(fast)
+    assert kernel_summary(method.reloader(tmp_path / "portable", "cpu")) == {"pytorch": 14}
+    with torch.inference_mode():
+        assert torch.equal(reloaded(input_ids=ids).logits, fast(input_ids=ids).logits)
+
+
+def test_a_checkpoint_naming_an_unknown_kernel_is_refused(tiny_llama_dir, tmp_path):
+    from quantarena.errors import ModelError
+
+    method = METHODS.get("own-int8")
+    model = method.apply(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), method.config_cls())
+    method.save(model, tmp_path / "q")
+    qmap = tmp_path / "q" / "quantarena_quant.json"
+    qmap.write_text(json.dumps(json.loads(qmap.read_text()) | {"kernel": "fastest"}))
+    with pytest.raises(ModelError, match="unknown kernel 'fastest'"):
+        method.reloader(tmp_path / "q", "cpu")
+
+
+def test_scores_are_the_portable_paths_in_a_sweep(tmp_path, tiny_llama_dir):
+    """Scoring tasks run on exact numerics: single-token continuations (one position per row, which looks like
+    a decode step) score as with the portable path, not with the kernels' bf16 activations."""
+    import quantarena
+
+    config = quantarena.sweep_config(
+        {
+            "model": str(tiny_llama_dir),
+            "methods": [
+                {"name": "own-int4", "label": "fast"},
+                {"name": "own-int4", "kernel": "pytorch", "label": "portable"},
+            ],
+            "tasks": [{"name": "mmlu", "limit": 6}, {"name": "lambada", "limit": 6}],
+            "output_dir": str(tmp_path),
+            "executor": "inline",
+        }
+    )
+    cells = {(c.method, c.task_name): c for c in quantarena.run(config).cells}
+    for task in ("mmlu", "lambada"):
+        fast, portable = cells["fast", task], cells["portable", task]
+        assert fast.status == portable.status == "ok"
+        assert fast.measurements["linear_kernels"].get("int4pack_mm")
+        assert portable.measurements["linear_kernels"] == {"pytorch": 14}
+        for key, values in fast.per_example.items():
+            # The same fp32 arithmetic; MKL may round a last bit differently on a differently aligned weight.
+            assert np.allclose(values, portable.per_example[key], rtol=1e-6, atol=0), key
+        assert fast.metrics[fast.quality_metric] == portable.metrics[portable.quality_metric]
