@@ -126,7 +126,7 @@ def _int4pack_layout(packed: torch.Tensor, block_rows: int) -> torch.Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
     blocks = packed.view(n // block_rows, k, block_rows // 2)
     q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1)
-    return q.permute(0, 2, 1).reshape(n, k)
+    return q.permute(0, 2, 1).reshape(n, k).contiguous()  # one block: reshape gives a transposed view
 
 
 class Int4PackedCpuLinear(WeightOnlyLinear):
