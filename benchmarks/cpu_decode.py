@@ -2,12 +2,13 @@
 memory-bandwidth floor beside each.
 
 Each variant is the same SmolLM2 fp32 model with one method applied (in process, the arena's own methods and
-configs). Timing: for each repeat, the variants in a rotated order, each running an untimed warm-up, then a
+configs). Timing: after one untimed warm-up of each, for each repeat the variants in a rotated order, each a
 prefill of ``--prompt`` tokens (timed per prompt length) and ``--new-tokens`` greedy decode steps through
 transformers' own forward and KV cache (eager, as the arena's tasks run); medians over repeats. The floor is
 the bytes one decode step must read (every weight byte once: the tied embedding is read whole by the output
-head) over the measured copy bandwidth. Quality check: each variant's greedy tokens and its logits' relative
-distance from the portable path of the same format, where there is one.
+head) over the measured copy bandwidth. Quality check: each variant's greedy tokens, and its first decode
+step's logits' relative distance, against the portable path of the same format and, for an int8 head, against
+the same variant with a float head.
 
     python benchmarks/cpu_decode.py --out benchmarks/results/cpu_decode.json
 """
@@ -39,12 +40,16 @@ VARIANTS = {
     "own-int8 (portable)": {"name": "own-int8", "kernel": "pytorch"},
     "own-int4": {"name": "own-int4"},
     "own-int4 (portable)": {"name": "own-int4", "kernel": "pytorch"},
+    "own-int8, int8 head": {"name": "own-int8", "head": "int8"},
+    "own-int4, int8 head": {"name": "own-int4", "head": "int8"},
     "own-int8-cpu": {"name": "own-int8-cpu"},
     "bnb-nf4": {"name": "bnb-nf4"},
     "quanto-int4": {"name": "quanto-int4"},
     "torchao-intx4": {"name": "torchao-intx4"},
 }
 PORTABLE_OF = {"own-int8": "own-int8 (portable)", "own-int4": "own-int4 (portable)"}
+# A quantized head changes the numbers themselves: its tokens and logits are compared with the float head's.
+FLOAT_HEAD_OF = {"own-int8, int8 head": "own-int8", "own-int4, int8 head": "own-int4"}
 
 
 def apply(base: torch.nn.Module, spec: dict) -> torch.nn.Module:
@@ -62,17 +67,19 @@ def prefill_ms(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int], torch.Tensor]:
-    """ms/token of ``new_tokens`` greedy steps after an untimed prefill; the tokens; the last step's logits."""
+    """ms/token of ``new_tokens`` greedy steps after an untimed prefill; the tokens; the first decode step's logits
+    (the step after the prompt's token: comparable between variants whose prompt gave the same token)."""
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     token = logits.argmax(-1, keepdim=True)
-    tokens = [token.item()]
+    tokens, first_step_logits = [token.item()], None
     start = time.perf_counter()
     for _ in range(new_tokens):
         logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        first_step_logits = logits if first_step_logits is None else first_step_logits
         token = logits.argmax(-1, keepdim=True)
         tokens.append(token.item())
-    return (time.perf_counter() - start) * 1e3 / new_tokens, tokens, logits
+    return (time.perf_counter() - start) * 1e3 / new_tokens, tokens, first_step_logits
 
 
 def main() -> None:
@@ -82,7 +89,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, nargs="+", default=[128, 512], help="prefill lengths")
     p.add_argument("--decode-prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_decode.json")
     args = p.parse_args()
 
@@ -105,7 +112,7 @@ def main() -> None:
 
     decode_ms = {label: [] for label in variants}
     prefill = {label: {n: [] for n in args.prompt} for label in variants}
-    tokens, last_logits = {}, {}
+    tokens, step_logits = {}, {}
     labels = list(variants)
     for label in labels:  # warm-up: first-call allocations and kernel selection stay out of the figures
         decode(variants[label], prompts[args.decode_prompt], 2)
@@ -115,7 +122,7 @@ def main() -> None:
             model = variants[label]
             for n in args.prompt:
                 prefill[label][n].append(prefill_ms(model, prompts[n]))
-            ms, tokens[label], last_logits[label] = decode(model, prompts[args.decode_prompt], args.new_tokens)
+            ms, tokens[label], step_logits[label] = decode(model, prompts[args.decode_prompt], args.new_tokens)
             decode_ms[label].append(ms)
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in decode_ms.items()))
 
@@ -139,11 +146,11 @@ def main() -> None:
                 str(n): statistics.median(prefill[label][n]) / statistics.median(prefill["fp32"][n])
                 for n in args.prompt
             }
-        reference = PORTABLE_OF.get(label)
-        if reference in variants:
-            diff = (last_logits[label] - last_logits[reference]).norm() / last_logits[reference].norm()
-            row["same_tokens_as_portable"] = tokens[label] == tokens[reference]
-            row["last_logits_rel_diff_vs_portable"] = diff.item()
+        for what, reference in [("portable", PORTABLE_OF.get(label)), ("float_head", FLOAT_HEAD_OF.get(label))]:
+            if reference in variants:
+                diff = (step_logits[label] - step_logits[reference]).norm() / step_logits[reference].norm()
+                row[f"same_tokens_as_{what}"] = tokens[label] == tokens[reference]
+                row[f"first_step_logits_rel_diff_vs_{what}"] = diff.item()
         rows[label] = row
     result = {
         "benchmark": "cpu_decode",

@@ -11,7 +11,7 @@ from pydantic import PositiveInt
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from quantarena.errors import ModelError
+from quantarena.errors import ConfigError, ModelError
 from quantarena.methods.base import (
     Method,
     Requirements,
@@ -21,7 +21,13 @@ from quantarena.methods.base import (
     register,
     replace_linears,
 )
-from quantarena.ownquant import Int4WeightLinear, Int8WeightLinear, WeightOnlyLinear, use_triton_kernels
+from quantarena.ownquant import (
+    Int4WeightLinear,
+    Int8TiedEmbedding,
+    Int8WeightLinear,
+    WeightOnlyLinear,
+    use_triton_kernels,
+)
 from quantarena.ownquant.cpu import Int8CpuLinear, use_cpu_kernels
 
 OWN_FORMAT_FILE = "quantarena_quant.json"
@@ -35,6 +41,10 @@ class OwnQuantConfig(WeightQuantConfig):
     # auto: the Triton kernels on CUDA, PyTorch's packed-weight kernels on the CPU, for every layer they fit;
     # pytorch: the portable dequantize-then-matmul path everywhere (the reference the kernels are tested against).
     kernel: Kernel = "auto"
+    # int8: a language model's output head too, as own-int8 (per row), and an input embedding tied to it reads
+    # the same codes. The tied float matrix is a small LM's largest (SmolLM2: 113 of own-int4's 180 MB), and
+    # decoding reads all of it for every token. float: heads are left to skip_modules.
+    head: Literal["float", "int8"] = "float"
 
 
 class OwnInt8Config(OwnQuantConfig):
@@ -59,8 +69,24 @@ def use_kernels(model: nn.Module, kernel: Kernel) -> nn.Module:
     return model
 
 
+def quantize_head(model: nn.Module) -> None:
+    """The output head as own int8; a tied input embedding then reads the head's codes."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        raise ConfigError("head=int8 quantizes a language model's output head (an nn.Linear); this model has none")
+    embedding = model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    quantized = Int8WeightLinear.from_linear(head)
+    model.set_submodule(names[id(head)], quantized)
+    if getattr(embedding, "weight", None) is head.weight:
+        model.set_submodule(names[id(embedding)], Int8TiedEmbedding(quantized, head.weight.dtype))
+        model.config.tie_word_embeddings = False  # the modules share the codes themselves; nothing to re-tie
+
+
 def quantize_own_int8(model: nn.Module, config: OwnInt8Config) -> nn.Module:
     replace_linears(model, Int8WeightLinear.from_linear, config.skip_modules, conv1d=True)
+    if config.head == "int8":
+        quantize_head(model)
     return use_kernels(model, config.kernel)
 
 
@@ -69,6 +95,8 @@ def quantize_own_int4(model: nn.Module, config: OwnInt4Config) -> nn.Module:
         return Int4WeightLinear.from_linear(linear, config.group_size)
 
     replace_linears(model, make, config.skip_modules, conv1d=True)
+    if config.head == "int8":
+        quantize_head(model)
     return use_kernels(model, config.kernel)
 
 
@@ -91,6 +119,12 @@ def save_own(model: nn.Module, out_dir: Path) -> None:
         for name, m in model.named_modules()
         if isinstance(m, WeightOnlyLinear)
     }
+    heads = {id(m): name for name, m in model.named_modules()}
+    modules |= {
+        name: {"format": Int8TiedEmbedding.__name__, "head": heads[id(m._head[0])]}
+        for name, m in model.named_modules()
+        if isinstance(m, Int8TiedEmbedding)
+    }
     kernel = getattr(model, KERNEL_ATTR, "auto")
     (out_dir / OWN_FORMAT_FILE).write_text(json.dumps({"version": 1, "modules": modules, "kernel": kernel}, indent=1))
 
@@ -112,7 +146,10 @@ def load_own(model_dir: Path, device: str = "cpu") -> nn.Module:
     qmap = json.loads((model_dir / OWN_FORMAT_FILE).read_text())
     state = load_file(model_dir / "model.safetensors")
     model = empty_model(model_dir)
+    tied = {name: spec for name, spec in qmap["modules"].items() if spec.get("format") == Int8TiedEmbedding.__name__}
     for name, spec in qmap["modules"].items():
+        if name in tied:
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         prefix = f"{name}."
@@ -120,6 +157,12 @@ def load_own(model_dir: Path, device: str = "cpu") -> nn.Module:
         # in_features in the map: the layer it replaces may be a Conv1D, which names its widths otherwise.
         in_features = spec.get("in_features") or getattr(parent, child).in_features
         setattr(parent, child, _own_linear(spec, tensors, in_features))
+    for name, spec in tied.items():
+        head_name = spec.get("head")
+        head = qmap["modules"].get(head_name) if isinstance(head_name, str) else None
+        if not isinstance(head, dict) or head.get("format") != Int8WeightLinear.__name__:
+            raise ModelError(f"{OWN_FORMAT_FILE}: {name} is tied to {head_name!r}, which is no int8 head")
+        model.set_submodule(name, Int8TiedEmbedding(model.get_submodule(head_name)))
     model.load_state_dict(state, strict=False, assign=True)
     model = finish_loaded(model, device)
     kernel = qmap.get("kernel", "auto")

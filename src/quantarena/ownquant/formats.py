@@ -154,3 +154,25 @@ class Int4WeightLinear(WeightOnlyLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
+
+
+class Int8TiedEmbedding(nn.Module):
+    """An input embedding tied to an own int8 output head: the head's int8 rows, scaled, are its vectors.
+
+    It holds no tensor of its own: the head's are the only copy. It keeps the head outside its submodules (so the
+    head is saved and counted once, under its own name) and reads the head's tensors at each call (so they stay
+    one copy after ``.to()``, which would give two modules' shared buffers a copy each).
+    """
+
+    def __init__(self, head: Int8WeightLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self._head = (head,)
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        head = self._head[0]
+        return F.embedding(ids, head.qweight).to(self.dtype) * head.scales[ids].to(self.dtype)[..., None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows of the tied output head"
