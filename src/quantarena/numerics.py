@@ -8,20 +8,22 @@ the same whichever kernel a layer has; tasks that time decoding run outside it, 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 
-_exact = contextvars.ContextVar("quantarena_exact_numerics", default=False)
+# A process-wide flag, not a ContextVar: torch.compile cannot trace ContextVar.get, and a compiled decode step
+# reads this (guarding on a global's value). A process evaluates one task at a time.
+_exact = False
 
 
 @contextlib.contextmanager
 def exact(enabled: bool = True) -> Iterator[None]:
-    token = _exact.set(enabled)
+    global _exact
+    previous, _exact = _exact, enabled
     try:
         yield
     finally:
-        _exact.reset(token)
+        _exact = previous
 
 
 def is_exact() -> bool:
-    return _exact.get()
+    return _exact

@@ -189,3 +189,20 @@ def test_scores_are_the_portable_paths_in_a_sweep(tmp_path, tiny_llama_dir):
             # The same fp32 arithmetic; MKL may round a last bit differently on a differently aligned weight.
             assert np.allclose(values, portable.per_example[key], rtol=1e-6, atol=0), key
         assert fast.metrics[fast.quality_metric] == portable.metrics[portable.quality_metric]
+
+
+def test_decode_steps_compile_in_one_graph():
+    """The kernels are opaque custom ops and the exact-numerics flag a plain global, so a compiled decode step
+    has no graph break (torch.compile cannot trace a ContextVar, and Inductor's lowering of the aten ops asserts a
+    realized bf16 input)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Int4PackedCpuLinear.from_own(own_int4(64, 128, 32, bias=True)),
+        Int8WeightLinear.from_linear(nn.Linear(64, 32)),
+    )
+    assert use_cpu_kernels(model) == 1
+    x = torch.randn(2, 1, 128)
+    with torch.inference_mode():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert torch.allclose(compiled, eager, rtol=1e-2, atol=1e-3)

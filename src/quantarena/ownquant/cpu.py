@@ -104,10 +104,35 @@ def decode_step(x: torch.Tensor) -> bool:
     return x.dim() == 3 and x.shape[1] == 1 and not numerics.is_exact()
 
 
-def _packed_kernel(x: torch.Tensor, matmul, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """A decode step through a packed-weight kernel, its activations in bf16 (the kernels' fp32 paths are scalar
-    references, 8-60x slower than an fp32 GEMM here); the output back in the input's dtype."""
-    y = matmul(x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()).to(x.dtype)
+# The kernels as opaque custom ops: Inductor's own lowerings of them assert a realized bf16 input, which the cast
+# before them is not, so a compiled decode step would fail; as custom ops they run as they do eagerly.
+@torch.library.custom_op("quantarena::int8pack_mm_cpu", mutates_args=())
+def int8pack_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (qweight * scales).T with bf16 activations (the kernel's fp32 path is a scalar reference, 8-60x
+    slower than an fp32 GEMM here); the output in x's dtype."""
+    a = x.to(torch.bfloat16).contiguous()
+    return torch._weight_int8pack_mm(a, qweight, scales.to(torch.bfloat16)).to(x.dtype)
+
+
+@torch.library.custom_op("quantarena::int4pack_mm_cpu", mutates_args=())
+def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ W.T for int4 codes in the kernel's packed layout, bf16 activations; the output in x's dtype."""
+    a = x.to(torch.bfloat16).contiguous()
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(a, packed, group_size, scales_and_zeros).to(x.dtype)
+
+
+@int8pack_mm.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@int4pack_mm.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def _as_linear(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """A kernel's (M, N) output for x (..., K): bias added, leading dims back."""
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.view(*x.shape[:-1], out_features)
@@ -116,8 +141,8 @@ def _packed_kernel(x: torch.Tensor, matmul, bias: torch.Tensor | None, out_featu
 def _int8pack_forward(self: Int8WeightLinear, x: torch.Tensor) -> torch.Tensor:
     if not decode_step(x):
         return WeightOnlyLinear.forward(self, x)
-    scales = self.scales.to(torch.bfloat16)
-    return _packed_kernel(x, lambda a: torch._weight_int8pack_mm(a, self.qweight, scales), self.bias, self.out_features)
+    y = int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scales)
+    return _as_linear(x, y, self.bias, self.out_features)
 
 
 def _int4pack_layout(packed: torch.Tensor, block_rows: int) -> torch.Tensor:
@@ -196,11 +221,8 @@ class Int4PackedCpuLinear(WeightOnlyLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not decode_step(x):
             return super().forward(x)
-
-        def matmul(a: torch.Tensor) -> torch.Tensor:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.packed, self.group_size, self.scales_and_zeros)
-
-        return _packed_kernel(x, matmul, self.bias, self.out_features)
+        y = int4pack_mm(x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scales_and_zeros)
+        return _as_linear(x, y, self.bias, self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         for name, tensor in self.own_tensors().items():
