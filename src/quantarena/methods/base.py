@@ -229,12 +229,10 @@ def replace_linears(
         if (type(module) is nn.Linear or (conv1d and is_conv1d(module))) and not module_matches(name, skip_modules)
     ]
     for name, layer in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         with torch.no_grad():
             new = make(layer if type(layer) is nn.Linear else as_linear(layer))
         # New modules start in training mode; some backends (bnb int8, quanto) compute differently there.
-        setattr(parent, child_name, new.train(layer.training))
+        model.set_submodule(name, new.train(layer.training))
     return len(targets)
 
 

@@ -144,19 +144,20 @@ def _own_linear(spec: dict, tensors: dict[str, torch.Tensor], in_features: int) 
 def load_own(model_dir: Path, device: str = "cpu") -> nn.Module:
     """The architecture from config.json, its quantized Linears from the JSON map, every tensor from safetensors."""
     qmap = json.loads((model_dir / OWN_FORMAT_FILE).read_text())
+    kernel = qmap.get("kernel", "auto")
+    if kernel not in get_args(Kernel):
+        raise ModelError(f"{OWN_FORMAT_FILE}: unknown kernel {kernel!r}; valid: {', '.join(get_args(Kernel))}")
     state = load_file(model_dir / "model.safetensors")
     model = empty_model(model_dir)
     tied = {name: spec for name, spec in qmap["modules"].items() if spec.get("format") == Int8TiedEmbedding.__name__}
     for name, spec in qmap["modules"].items():
         if name in tied:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         prefix = f"{name}."
         tensors = {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
         # in_features in the map: the layer it replaces may be a Conv1D, which names its widths otherwise.
-        in_features = spec.get("in_features") or getattr(parent, child).in_features
-        setattr(parent, child, _own_linear(spec, tensors, in_features))
+        in_features = spec.get("in_features") or model.get_submodule(name).in_features
+        model.set_submodule(name, _own_linear(spec, tensors, in_features))
     for name, spec in tied.items():
         head_name = spec.get("head")
         head = qmap["modules"].get(head_name) if isinstance(head_name, str) else None
@@ -165,9 +166,6 @@ def load_own(model_dir: Path, device: str = "cpu") -> nn.Module:
         model.set_submodule(name, Int8TiedEmbedding(model.get_submodule(head_name)))
     model.load_state_dict(state, strict=False, assign=True)
     model = finish_loaded(model, device)
-    kernel = qmap.get("kernel", "auto")
-    if kernel not in get_args(Kernel):
-        raise ModelError(f"{OWN_FORMAT_FILE}: unknown kernel {kernel!r}; valid: {', '.join(get_args(Kernel))}")
     return use_kernels(model, kernel)
 
 
@@ -176,9 +174,7 @@ def load_own_int8_cpu(model_dir: Path, device: str = "cpu") -> nn.Module:
     model = load_own(model_dir, device)
     for name, module in list(model.named_modules()):
         if isinstance(module, Int8WeightLinear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, Int8CpuLinear.from_own(module))
+            model.set_submodule(name, Int8CpuLinear.from_own(module))
     return model
 
 

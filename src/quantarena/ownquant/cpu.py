@@ -254,7 +254,6 @@ def use_cpu_kernels(model: nn.Module) -> int:
             continue
         converted = Int4PackedCpuLinear.from_own(module)
         if converted is not None:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, converted)
+            model.set_submodule(name, converted)
             count += 1
     return count
