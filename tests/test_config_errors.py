@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from quantarena.cli import app
 from quantarena.config import load_config, sweep_config
-from quantarena.errors import ConfigError
+from quantarena.errors import ConfigError, first_line
 
 runner = CliRunner()
 
@@ -210,3 +210,10 @@ def test_cuda_only_method_on_cpu_is_a_reasoned_skip():
 
     assert Requirements(devices=("cuda",)).unmet("cpu") == "needs device cuda, sweep runs on cpu"
     assert Requirements(devices=("cpu",)).unmet("cuda") == "needs device cpu, sweep runs on cuda"
+
+
+def test_an_error_is_reported_by_its_first_line_even_without_a_message():
+    assert first_line(ValueError("bad header\n  at byte 12\n  dump...")) == "bad header"
+    # Some libraries raise without a message: one line naming the exception, never an IndexError.
+    assert first_line(OSError()) == "OSError"
+    assert first_line(KeyError(), "unreadable") == "unreadable"

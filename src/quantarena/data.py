@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quantarena.errors import DataError
+from quantarena.errors import DataError, first_line
 
 DATA_DIR_ENV = "QUANTARENA_DATA_DIR"
 DEFAULT_DATA_DIR = Path("../shared/data")
@@ -123,9 +123,7 @@ def read_records(dataset: str, data_dir: Path, split: str = "test") -> list[dict
         with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
             records = _jsonl(f, path) if name.endswith(".jsonl") else _delimited(f, path, name.endswith(".tsv"))
     except (UnicodeDecodeError, OSError, EOFError, csv.Error) as e:
-        raise DataError(
-            f"dataset {path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        ) from None
+        raise DataError(f"dataset {path}: cannot be read ({first_line(e)})") from None
     if not records:
         raise DataError(f"dataset {path}: has no records")
     return records

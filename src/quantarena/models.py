@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 
 from quantarena.data import file_sha256
-from quantarena.errors import ModelError
+from quantarena.errors import ModelError, first_line
 
 ModelKind = Literal["causal-lm", "sequence-classification"]
 
@@ -59,7 +59,7 @@ def read_config(folder: Path, source: str) -> dict[str, Any]:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise ModelError(f"model {source}: config.json is not valid JSON ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"model {source}: config.json is not valid JSON ({first_line(e)})") from None
     if not isinstance(config, dict):
         raise ModelError(f"model {source}: config.json holds a {type(config).__name__}, not an object")
     return config
@@ -198,7 +198,7 @@ def _gguf_problem(path: Path) -> str | None:
         if not reader.tensors:
             return "it holds no tensors"
     except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+        return f"{type(e).__name__}: {first_line(e, 'unreadable')}"
     return None
 
 
@@ -367,7 +367,7 @@ def load_tokenizer(path: str | Path, loaded: torch.nn.Module | None = None, trus
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: its tokenizer cannot be loaded ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"{path}: its tokenizer cannot be loaded ({first_line(e)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if loaded is not None:
@@ -394,7 +394,7 @@ def load(model: ResolvedModel, kind: ModelKind, seed: int) -> tuple[torch.nn.Mod
             **extra,
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"model {model.source}: cannot be loaded as {kind} ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"model {model.source}: cannot be loaded as {kind} ({first_line(e)})") from None
     missing = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("classifier", "score")]
     if kind == "sequence-classification" and missing and not model.allow_untrained_head:
         raise ModelError(f"model {model.source}: its checkpoint lacks the classification head ({missing[0]}, ...)")

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from quantarena.errors import QuantarenaError
+from quantarena.errors import QuantarenaError, first_line
 from quantarena.results import CellResult, Results, read_results
 
 STORE_FILE = "results.sqlite"
@@ -87,7 +87,7 @@ class Store:
             return CellResult(**json.loads(text))
         except (ValueError, TypeError) as e:
             raise QuantarenaError(
-                f"results store {self.path}: the record of cell {key[:12]} is unreadable ({str(e).splitlines()[0]}); "
+                f"results store {self.path}: the record of cell {key[:12]} is unreadable ({first_line(e)}); "
                 "move the store away to start afresh"
             ) from None
 

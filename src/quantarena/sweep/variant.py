@@ -22,7 +22,7 @@ import torch
 
 from quantarena import measure, models
 from quantarena.config import reference_choice
-from quantarena.errors import QuantarenaError
+from quantarena.errors import QuantarenaError, first_line
 from quantarena.methods import METHODS, quantize_with_calibration
 from quantarena.methods.base import coverage, linear_layers, nothing_quantized
 from quantarena.ownquant import kernel_summary
@@ -62,8 +62,7 @@ def failure_reason(error: BaseException) -> str:
     if isinstance(error, QuantarenaError):
         return str(error)
     where = traceback.extract_tb(error.__traceback__)[-1]
-    first_line = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {first_line} ({Path(where.filename).name}:{where.lineno})"
+    return f"{type(error).__name__}: {first_line(error, '')} ({Path(where.filename).name}:{where.lineno})"
 
 
 class NothingQuantized(QuantarenaError):

@@ -20,7 +20,7 @@ from quantarena import measure, models
 from quantarena.config import MethodChoice, TaskChoice, method_choice, task_choice, validated
 from quantarena.data import resolve_data_dir
 from quantarena.environment import check_device
-from quantarena.errors import ConfigError, ModelError, QuantarenaError
+from quantarena.errors import ConfigError, ModelError, QuantarenaError, first_line
 from quantarena.methods import METHODS, Method, quantize_with_calibration
 from quantarena.models import ModelKind
 from quantarena.tasks import TASKS, EvalContext
@@ -195,7 +195,7 @@ def read_marker(quantized_dir: Path) -> tuple[Marker, MethodChoice]:
     except FileNotFoundError:
         raise ModelError(f"{quantized_dir} has no {METHOD_FILE}: write it with `quantarena quantize`") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModelError(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"{path} is not valid JSON ({first_line(e)})") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{path} holds a {type(raw).__name__}, not an object")
     marker = validated(Marker, raw, str(path))
@@ -224,9 +224,8 @@ def load_quantized(quantized_dir: Path, device: str = "cpu", trust_pickle: bool 
     except QuantarenaError:
         raise
     except Exception as e:  # a damaged or foreign folder: what the backend's loader said, on one line
-        first = str(e).splitlines()[0] if str(e) else ""
         raise ModelError(
-            f"{quantized_dir}: its {method.name} checkpoint cannot be loaded ({type(e).__name__}: {first})"
+            f"{quantized_dir}: its {method.name} checkpoint cannot be loaded ({type(e).__name__}: {first_line(e, '')})"
         ) from None
     return model, models.load_tokenizer(quantized_dir, model)
 
