@@ -40,6 +40,7 @@ from quantarena.ownquant.formats import (
     Int8WeightLinear,
     WeightOnlyLinear,
     dequantize_int4_codes,
+    pack_int4,
     quantize_int8_per_channel,
     unpack_int4,
 )
@@ -55,7 +56,19 @@ def cpu_int8_available() -> bool:
     return bool({"fbgemm", "x86", "onednn"} & set(torch.backends.quantized.supported_engines))
 
 
-class Int8CpuLinear(WeightOnlyLinear):
+class KernelFormLinear(WeightOnlyLinear):
+    """An own layer held in a kernel's own form; ``state_dict`` gives the own tensors (``own_tensors``), so its
+    checkpoint is the own format's."""
+
+    def own_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for name, tensor in self.own_tensors().items():
+            destination[prefix + name] = tensor
+
+
+class Int8CpuLinear(KernelFormLinear):
     kernel = "fbgemm"
     saved_format = Int8WeightLinear.__name__  # the checkpoint is an own-int8 one
 
@@ -89,10 +102,6 @@ class Int8CpuLinear(WeightOnlyLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, REDUCE_RANGE)
         return y.to(x.dtype)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        for name, tensor in self.own_tensors().items():
-            destination[prefix + name] = tensor
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel (FBGEMM)"
@@ -154,7 +163,7 @@ def _int4pack_layout(packed: torch.Tensor, block_rows: int) -> torch.Tensor:
     return q.permute(0, 2, 1).reshape(n, k).contiguous()  # one block: reshape gives a transposed view
 
 
-class Int4PackedCpuLinear(WeightOnlyLinear):
+class Int4PackedCpuLinear(KernelFormLinear):
     """An own int4 layer whose codes are held in the layout of PyTorch's CPU int4 kernel.
 
     Decode steps run the kernel (bf16 activations, bf16 scale and zero point per group); everything else (prompts,
@@ -207,8 +216,7 @@ class Int4PackedCpuLinear(WeightOnlyLinear):
         return _int4pack_layout(self.packed, self.block_rows)
 
     def own_tensors(self) -> dict[str, torch.Tensor]:
-        q = self.codes()
-        tensors = {"qweight": (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), "scales": self.scales, "mins": self.mins}
+        tensors = {"qweight": pack_int4(self.codes()), "scales": self.scales, "mins": self.mins}
         return tensors if self.bias is None else {**tensors, "bias": self.bias}
 
     def held_tensors(self) -> list[torch.Tensor]:
@@ -223,10 +231,6 @@ class Int4PackedCpuLinear(WeightOnlyLinear):
             return super().forward(x)
         y = int4pack_mm(x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scales_and_zeros)
         return _as_linear(x, y, self.bias, self.out_features)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        for name, tensor in self.own_tensors().items():
-            destination[prefix + name] = tensor
 
     def extra_repr(self) -> str:
         return (
