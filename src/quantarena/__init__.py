@@ -10,6 +10,7 @@ from typing import Any
 _EXPORTS = {
     "run": "quantarena.sweep.api",
     "prepare": "quantarena.sweep.api",
+    "lm_eval_model": "quantarena.sweep.api",
     "SweepConfig": "quantarena.config",
     "load_config": "quantarena.config",
     "sweep_config": "quantarena.config",

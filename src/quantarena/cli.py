@@ -67,16 +67,26 @@ def _value(text: str) -> Any:
         return text
 
 
-def _entry(spec: str) -> dict[str, Any]:
-    """'own-int4:group_size=64,label=g64' -> {'name': 'own-int4', 'group_size': 64, 'label': 'g64'}."""
+def _entry(spec: str, positional: str | None = None) -> dict[str, Any]:
+    """'own-int4:group_size=64,label=g64' -> {'name': 'own-int4', 'group_size': 64, 'label': 'g64'}; with
+    ``positional``, a first option without '=' is its value ('lm-eval:mmlu,limit=5' -> task='mmlu')."""
     name, _, options = spec.partition(":")
     entry: dict[str, Any] = {"name": name}
-    for option in filter(None, options.split(",")):
+    for i, option in enumerate(filter(None, options.split(","))):
         key, sep, value = option.partition("=")
-        if not sep:
+        if not sep and i == 0 and positional:
+            key, value = positional, option
+        elif not sep:
             raise QuantarenaError(f"option {option!r} in {spec!r} is not KEY=VALUE")
         entry[key.strip()] = _value(value.strip())
     return entry
+
+
+def _task_entry(spec: str) -> dict[str, Any]:
+    from quantarena.tasks import TASKS
+
+    name = spec.partition(":")[0]
+    return _entry(spec, TASKS.get(name).positional if name in TASKS else None)
 
 
 def print_tables(report: Report) -> None:
@@ -165,7 +175,7 @@ def run(
     flags = {
         "models": model,
         "methods": [_entry(m) for m in method or []],
-        "tasks": [_entry(t) for t in task or []],
+        "tasks": [_task_entry(t) for t in task or []],
         "baseline": baseline,
         "device": device,
         "batch_size": batch_size,
@@ -387,7 +397,7 @@ def compare(
     result = run_compare(
         original,
         quantized,
-        _entry(task),
+        _task_entry(task),
         device=device,
         batch_size=batch_size,
         seed=seed,

@@ -222,8 +222,12 @@ def task_choice(value: TaskChoice | str | dict[str, Any]) -> TaskChoice:
         return value
     entry = _as_entry(value)
     name = entry.pop("name")
-    label = entry.pop("label", None) or _label(name, entry)
-    config = validated(TASKS.get(name).Config, entry, f"task {label[:MAX_LABEL]}")
+    task = TASKS.get(name)
+    label = entry.pop("label", None)
+    if label is None and isinstance(entry.get(task.positional), str):
+        label = _label(f"{name}:{entry[task.positional]}", {k: v for k, v in entry.items() if k != task.positional})
+    label = label or _label(name, entry)
+    config = validated(task.Config, entry, f"task {label[:MAX_LABEL]}")
     if isinstance(config, ReferenceConfig):
         reference_choice(config, f"task {label}")
     return validated(TaskChoice, {"name": name, "label": label, "config": config}, f"task {label[:40]!r}")

@@ -188,7 +188,9 @@ def json_digest(value: Any) -> str:
 
 def _canonical(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return [type(value).__name__, {f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}]
+        # Fields marked {"digest": False} hold built objects whose content other fields already stand for.
+        fields = [f for f in dataclasses.fields(value) if f.metadata.get("digest", True)]
+        return [type(value).__name__, {f.name: _canonical(getattr(value, f.name)) for f in fields}]
     if isinstance(value, dict):
         return {str(k): _canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

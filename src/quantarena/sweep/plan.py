@@ -83,8 +83,10 @@ class Cell:
         )
 
     def result(self, status: str, reason: str | None = None, **fields) -> CellResult:
+        """``fields`` may name the headline (quality_metric, higher_is_better) where the task output does."""
         task = TASKS.get(self.task.name)
         model, method, task_label = self.labels
+        headline = {"quality_metric": task.quality_metric, "higher_is_better": task.higher_is_better}
         return CellResult(
             model=model,
             method=method,
@@ -95,11 +97,9 @@ class Cell:
             task_name=self.task.name,
             method_config=self.variant.method.config.model_dump(mode="json"),
             task_config=self.task.config.model_dump(mode="json"),
-            quality_metric=task.quality_metric,
-            higher_is_better=task.higher_is_better,
             latency_metric=task.latency_metric,
             device=self.variant.device,
-            **fields,
+            **(headline | fields),
         )
 
 

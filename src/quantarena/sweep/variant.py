@@ -181,13 +181,19 @@ def evaluate(cell: Cell, prepared: Prepared, job: Job, progress: Progress, first
             serving.pop("peak_rss_bytes", None)  # it would include loading and quantizing
     except Exception as e:
         return cell.result("failed", failure_reason(e), duration_s=time.perf_counter() - started)
-    quality = output.metrics.get(task.quality_metric)
+    headline = {
+        "quality_metric": output.quality_metric or task.quality_metric,
+        "higher_is_better": task.higher_is_better if output.higher_is_better is None else output.higher_is_better,
+    }
+    quality = output.metrics.get(headline["quality_metric"])
     if not isinstance(quality, (int, float)) or not math.isfinite(quality):
         reason = (
-            f"{task.quality_metric} is {quality}: the variant's outputs are not finite numbers "
+            f"{headline['quality_metric']} is {quality}: the variant's outputs are not finite numbers "
             "(an overflow in a low-precision dtype?)"
         )
-        return cell.result("failed", reason, metrics=output.metrics, duration_s=time.perf_counter() - started)
+        return cell.result(
+            "failed", reason, metrics=output.metrics, duration_s=time.perf_counter() - started, **headline
+        )
     measurements = prepared.measurements | {f"serve_{k}": v for k, v in serving.items()}
     if variant.kind == "sequence-classification" and not variant.model.has_classifier_head:
         measurements["untrained_head"] = True  # allowed in the model table; the report says so
@@ -199,6 +205,7 @@ def evaluate(cell: Cell, prepared: Prepared, job: Job, progress: Progress, first
         duration_s=time.perf_counter() - started,
         variant_source=prepared.source,
         variant_note=prepared.note,
+        **headline,
     )
 
 

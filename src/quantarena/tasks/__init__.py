@@ -5,6 +5,7 @@ from quantarena.tasks import (  # noqa: F401  (registration)
     divergence,
     generation,
     lambada,
+    lmeval,
     multiple_choice,
     perplexity,
     wikitext,

@@ -80,6 +80,10 @@ class TaskOutput:
     metrics: dict[str, Any]
     # Per-example outputs kept for paired statistics; not shown in tables.
     per_example: dict[str, list] = field(default_factory=dict)
+    # A task whose headline metric depends on what it evaluated (lm-eval's tasks) names it here; None: the
+    # task class's.
+    quality_metric: str | None = None
+    higher_is_better: bool | None = None
 
 
 class Task(ABC):
@@ -95,6 +99,9 @@ class Task(ABC):
     # Scores are computed on exact numerics (every kernel gives the reference path's numbers); a task that times
     # decoding sets this False so the fast kernels are what it times.
     exact_numerics: ClassVar[bool] = True
+    # The option a bare first word of the CLI's NAME:... fills ("lm-eval:mmlu" is task="mmlu"); it also names
+    # the task's label.
+    positional: ClassVar[str | None] = None
 
     def __init__(self, config: TaskConfig, data_dir: Path):
         self.config = config
