@@ -42,6 +42,7 @@ class CellResult:
     # "quantized" (in the run that produced this result) or "cache" (reloaded from the checkpoint cache)
     variant_source: str | None = None
     variant_note: str | None = None  # why the variant was not cached, or was quantized again
+    caveat: str | None = None  # what the method's scores depend on beyond the weights (Method.caveat)
 
     @property
     def key(self) -> tuple[str, str, str]:

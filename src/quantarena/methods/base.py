@@ -139,12 +139,13 @@ def finish_loaded(model: nn.Module, device: str) -> nn.Module:
 @dataclass(frozen=True)
 class Method:
     """A quantization method. ``apply`` quantizes a loaded model in place; ``calibrate``, where given, then
-    finishes it with a few batches of text (activation ranges); ``save``/``load`` round-trip it through the
-    backend's own format. ``load`` None means the method has no loader (``reloader`` says what is used).
-    ``cache_checkpoint`` False: sweeps keep no checkpoint of it, only its measured size (applying it again costs
-    less than reloading a copy, or the copy is a pickle). ``pickled_checkpoint``: loading what ``save`` wrote
-    unpickles it, which can run code from the folder, so a folder is loaded only when the user says they trust
-    it. ``quantizes_layers`` False: a cast, which changes every layer's dtype and replaces none."""
+        finishes it with a few batches of text (activation ranges); ``save``/``load`` round-trip it through the
+        backend's own format. ``load`` None means the method has no loader (``reloader`` says what is used).
+        ``cache_checkpoint`` False: sweeps keep no checkpoint of it, only its measured size (applying it again costs
+        less than reloading a copy, or the copy is a pickle). ``pickled_checkpoint``: loading what ``save`` wrote
+        unpickles it, which can run code from the folder, so a folder is loaded only when the user says they trust
+        it. ``quantizes_layers`` False: a cast, which changes every layer's dtype and replaces none. ``caveat``: what
+    its scores depend on beyond the weights, recorded with every result."""
 
     name: str
     description: str
@@ -157,6 +158,8 @@ class Method:
     cache_checkpoint: bool = True
     pickled_checkpoint: bool = False
     quantizes_layers: bool = True
+    # What the method's numbers depend on beyond the weights (shown with its results in every report).
+    caveat: str | None = None
 
     def quantize(self, model: nn.Module, config: Any, calibration: CalibrationSource) -> nn.Module:
         model = self.apply(model, config)

@@ -135,8 +135,18 @@ def load_bnb(model_dir: Path, device: str = "cpu") -> nn.Module:
     return model
 
 
-def _register(name: str, description: str, apply, config_cls) -> None:
-    register(Method(name, description, apply, config_cls, requires=REQUIRES, load=load_bnb))
+# Measured on SmolLM2-135M, CPU, bitsandbytes 0.50: the same MMLU questions scored in forwards of 8 rows or of 1
+# differ by up to 2.5 nats per answer (threshold 6.0) and 0.44 (threshold 0), which flips some answers; lm-eval's
+# own runs at batch sizes 8 and 1 differ as much. The 4-bit methods dequantize their weights and are not affected.
+INT8_CAVEAT = (
+    "LLM.int8 quantizes activations over each forward's whole batch (outlier columns too), so its scores depend on "
+    "which sequences share a forward: up to 2.5 nats per answer between batch sizes 8 and 1 on SmolLM2 (CPU); "
+    "compare it with other harnesses at the same batching only"
+)
+
+
+def _register(name: str, description: str, apply, config_cls, caveat: str | None = None) -> None:
+    register(Method(name, description, apply, config_cls, requires=REQUIRES, load=load_bnb, caveat=caveat))
 
 
 _register(
@@ -144,6 +154,7 @@ _register(
     "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above threshold)",
     quantize_int8,
     BnbInt8Config,
+    INT8_CAVEAT,
 )
 _register("bnb-nf4", "bitsandbytes 4-bit NormalFloat, blocks of 64", _quantize_4bit("nf4"), Bnb4bitConfig)
 _register("bnb-fp4", "bitsandbytes 4-bit float (e2m1), blocks of 64", _quantize_4bit("fp4"), Bnb4bitConfig)

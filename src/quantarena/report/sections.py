@@ -253,6 +253,8 @@ def document(report: Report, images: list[Image] | None = None) -> list[Block]:
     for group in report.groups:
         columns, rows = table_rows(report, group)
         blocks += [Heading(2, group.title), Table(columns, rows)]
+        caveats = dict.fromkeys((c.method, c.caveat) for c in group.cells if c.caveat)
+        blocks += [Paragraph(f"{method}: {caveat}.") for method, caveat in caveats]
         if any(c.status == "ok" for c in group.cells):
             blocks += _stats_blocks(report, group) + _roofline_blocks(report, group)
     if images:

@@ -205,6 +205,7 @@ def evaluate(cell: Cell, prepared: Prepared, job: Job, progress: Progress, first
         duration_s=time.perf_counter() - started,
         variant_source=prepared.source,
         variant_note=prepared.note,
+        caveat=METHODS.get(variant.method.name).caveat,
         **headline,
     )
 
