@@ -177,6 +177,12 @@ def test_roofline_floor_and_bandwidth():
     ppl = roofline(perplexity("fp32", 1.0, 500, 6.0), 20e9)
     assert ppl.floor_ms == pytest.approx(3 / 6144 * 500 * MB / 20e9 * 1000) and ppl.compute_bound
     assert roofline(cell, None) is None
+    # Log-likelihood tasks: 40 examples in 4 forwards of 1,000 positions each, 30 ms per example.
+    scored = CellResult("m", "fp32", "arc_easy", "ok", latency_metric="ms_per_example")
+    scored.metrics = {"ms_per_example": 30.0, "n_examples": 40, "n_forwards": 4, "n_tokens_forwarded": 4000}
+    scored.measurements = {"weight_bytes": 100 * MB}
+    line = roofline(scored, 20e9)
+    assert line.floor_ms == pytest.approx(4 / 40 * 100 * MB / 20e9 * 1000) and line.compute_bound
     assert measure_bandwidth(nbytes=8 << 20, repeats=2) > 1e8
     env = record_bandwidth({}, "cpu")
     assert env["memory_bandwidth"]["device"] == "cpu" and env["memory_bandwidth"]["bytes_per_s"] > 0

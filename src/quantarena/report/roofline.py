@@ -49,6 +49,9 @@ def _weight_reads_per_unit(cell: CellResult) -> tuple[float, float | None] | Non
         return reads_per_token, 1 / reads_per_token
     if cell.latency_metric and cell.latency_metric.startswith("decode_ms"):  # batch-1 decode: a read per token
         return 1.0, 1.0
+    if cell.latency_metric == "ms_per_example" and m.get("n_forwards") and m.get("n_examples"):  # scored in batches
+        tokens = m.get("n_tokens_forwarded")
+        return m["n_forwards"] / m["n_examples"], tokens / m["n_forwards"] if tokens else None
     return None
 
 

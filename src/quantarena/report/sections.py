@@ -204,7 +204,7 @@ def _roofline_blocks(report: Report, group: Group) -> list[Block]:
             *blocks,
             Paragraph(
                 "These records lack the number of forward passes behind their latency figure (written before "
-                "quantarena stored it): rerun the sweep for the roofline."
+                "quantarena stored it, or a task that does not count them): no roofline."
             ),
         ]
     bw = group.run.bandwidth_bytes_per_s / 1e9
