@@ -149,10 +149,14 @@ def prepare(config: SweepConfig) -> list[Cell]:
     return plan(config, _distinct(resolved, specs), data, data_dir)
 
 
+def default_variant_cache() -> Path:
+    return models.cache_dir() / "variants"
+
+
 def cache_dir(config: SweepConfig) -> Path | None:
     if not config.cache_variants:
         return None
-    return config.cache_dir.expanduser() if config.cache_dir else models.cache_dir() / "variants"
+    return config.cache_dir.expanduser() if config.cache_dir else default_variant_cache()
 
 
 def execute(config: SweepConfig, force: bool = False, on_event: OnEvent | None = None) -> Report:
@@ -302,7 +306,7 @@ def lm_eval_model(
     check_device(device)
     resolved = models.resolve(model, kind="causal-lm")
     variant = Variant(resolved, "causal-lm", method_choice(method), device, seed, resolve_data_dir(data_dir))
-    cache = models.cache_dir() / "variants" if cache_variants else None
+    cache = default_variant_cache() if cache_variants else None
     with tempfile.TemporaryDirectory(prefix="quantarena-scratch-") as scratch, torch.no_grad():
         prepared = prepare_variant(variant, cache, False, Path(scratch))
     return wrap(prepared.model, prepared.tokenizer, batch_size=batch_size, max_length=max_length)

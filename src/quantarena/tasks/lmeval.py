@@ -284,11 +284,10 @@ def _doc_scores(out: dict, leaves: list[str], metrics: dict[str, Any]) -> dict[s
     scores = {}
     for key, value in metrics.items():
         metric, _, flt = key.partition(",")
-        chosen = [s for s in samples if s.get("filter", "none") == (flt or "none")]
-        values = [s.get(metric) for s in chosen]
-        if not isinstance(value, (int, float)) or not chosen or "stderr" in metric:
+        if not isinstance(value, (int, float)) or "stderr" in metric:
             continue
-        if all(isinstance(v, (int, float)) for v in values):  # bools too: 0/1 correctness
+        values = [s.get(metric) for s in samples if s.get("filter", "none") == (flt or "none")]
+        if values and all(isinstance(v, (int, float)) for v in values):  # bools too: 0/1 correctness
             floats = [float(v) for v in values]
             if math.isclose(sum(floats) / len(floats), value, rel_tol=1e-9, abs_tol=1e-12):
                 scores[key] = floats
