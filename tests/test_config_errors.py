@@ -26,7 +26,7 @@ BASE = {"model": "some-model", "methods": ["fp32"], "tasks": ["perplexity"]}
         ({"methods": ["fp32", "int3-magic"]}, "unknown method 'int3-magic'; valid: bf16, bnb-fp4, bnb-int8, bnb-nf4"),
         ({"tasks": ["mmlu-pro"]}, "unknown task 'mmlu-pro'; valid: arc_challenge, arc_easy, classification"),
         ({"methods": [{"name": "own-int4", "group_size": 0}]}, "group_size: Input should be greater than 0"),
-        ({"methods": [{"name": "own-int4", "bits": 3}]}, "unknown key 'bits'; valid keys: skip_modules, kernel"),
+        ({"methods": [{"name": "own-int4", "bits": 3}]}, "unknown key 'bits'; valid keys: calibration_dataset"),
         ({"methods": [{"group_size": 3}]}, "each entry needs a name"),
         ({"methods": []}, "expected a non-empty list"),
         ({"batch_size": -4}, "batch_size: Input should be greater than or equal to 1"),

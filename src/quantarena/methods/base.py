@@ -6,7 +6,6 @@ import fnmatch
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from quantarena import models
 from quantarena.errors import ModelError
-from quantarena.methods.calibration import CalibrationSource, calibration_batches
+from quantarena.methods.calibration import CALIBRATION_DATASET, Calibration, CalibrationSource
 from quantarena.registry import Registry
 
 DEFAULT_SKIP_MODULES = ("lm_head", "classifier", "score")
@@ -29,6 +28,10 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 
 class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def calibrates_on(self) -> str | None:
+        """The dataset a calibrating method reads with these options (its digest keys the variant); None: none."""
+        return CALIBRATION_DATASET
 
 
 class WeightQuantConfig(MethodConfig):
@@ -184,9 +187,8 @@ def quantize_with_calibration(
 ) -> nn.Module:
     """Apply ``method`` to a loaded float model; calibrating methods get their batches from a training split of
     the data dir (never an evaluated one), tokenized by the model's tokenizer, on its device."""
-    calibration = partial(calibration_batches, tokenizer, data_dir, device)
     with torch.no_grad():
-        return method.quantize(model, config, calibration)
+        return method.quantize(model, config, Calibration(tokenizer, data_dir, device))
 
 
 def register(method: Method) -> Method:
@@ -216,6 +218,17 @@ def as_linear(conv1d: nn.Module) -> nn.Linear:
     return linear.train(conv1d.training)
 
 
+def linear_targets(
+    model: nn.Module, skip_modules: tuple[str, ...], conv1d: bool = False
+) -> list[tuple[str, nn.Module]]:
+    """The nn.Linear layers (and with ``conv1d`` transformers' Conv1D ones) not matched by ``skip_modules``."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if (type(module) is nn.Linear or (conv1d and is_conv1d(module))) and not module_matches(name, skip_modules)
+    ]
+
+
 def replace_linears(
     model: nn.Module,
     make: Callable[[nn.Linear], nn.Module],
@@ -226,11 +239,7 @@ def replace_linears(
 
     ``conv1d``: transformers' ``Conv1D`` layers too, handed to ``make`` as the equivalent nn.Linear (for
     formats whose saved layout does not depend on the layer it came from)."""
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if (type(module) is nn.Linear or (conv1d and is_conv1d(module))) and not module_matches(name, skip_modules)
-    ]
+    targets = linear_targets(model, skip_modules, conv1d)
     for name, layer in targets:
         with torch.no_grad():
             new = make(layer if type(layer) is nn.Linear else as_linear(layer))

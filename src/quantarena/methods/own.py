@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from quantarena import models
 from quantarena.errors import ConfigError, ModelError
 from quantarena.methods.base import (
     Method,
     Requirements,
     WeightQuantConfig,
+    as_linear,
     empty_model,
     finish_loaded,
+    linear_targets,
     register,
     replace_linears,
 )
+from quantarena.methods.calibration import CalibrationOptions, CalibrationSource
 from quantarena.ownquant import (
     Int4WeightLinear,
     Int8TiedEmbedding,
@@ -28,7 +33,10 @@ from quantarena.ownquant import (
     WeightOnlyLinear,
     use_triton_kernels,
 )
+from quantarena.ownquant.algorithms import INT8_CHANNEL, Algorithm, Grid, calibrated_linear, int4_grid
+from quantarena.ownquant.awq import check_awq, fold_awq
 from quantarena.ownquant.cpu import Int8CpuLinear, use_cpu_kernels
+from quantarena.ownquant.sequential import replace_calibrated
 
 OWN_FORMAT_FILE = "quantarena_quant.json"
 # Where a quantized model keeps the kernel choice, so that saving records it and a reload makes the same one.
@@ -37,7 +45,7 @@ KERNEL_ATTR = "quantarena_kernel"
 Kernel = Literal["auto", "pytorch"]
 
 
-class OwnQuantConfig(WeightQuantConfig):
+class OwnQuantConfig(WeightQuantConfig, CalibrationOptions):
     # auto: the Triton kernels on CUDA, PyTorch's packed-weight kernels on the CPU, for every layer they fit;
     # pytorch: the portable dequantize-then-matmul path everywhere (the reference the kernels are tested against).
     kernel: Kernel = "auto"
@@ -45,10 +53,37 @@ class OwnQuantConfig(WeightQuantConfig):
     # the same codes. The tied float matrix is a small LM's largest (SmolLM2: 113 of own-int4's 180 MB), and
     # decoding reads all of it for every token. float: heads are left to skip_modules.
     head: Literal["float", "int8"] = "float"
+    # How codes are chosen (ownquant.algorithms): rtn rounds to nearest and reads no data; clip searches each
+    # group's range for the least output error on calibration text; gptq also spreads each column's rounding
+    # error onto the columns not yet rounded (GPTQ), with act_order, damp, and ranges searched as clip's
+    # unless gptq_clip is false (then min/max, as GPTQ's reference). awq: activation-aware scales folded into
+    # the model first (ownquant.awq; Llama-family models), then the layers rounded by the algorithm.
+    algorithm: Algorithm = "rtn"
+    awq: bool = False
+    act_order: bool = True
+    damp: float = Field(0.01, gt=0, lt=1)
+    gptq_clip: bool = True
+
+    def calibrates_on(self) -> str | None:
+        return self.calibration_dataset if self.calibrated else None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.algorithm != "rtn" or self.awq
+
+    def grid(self) -> Grid:
+        raise NotImplementedError
+
+    def round_to_nearest(self, linear: nn.Linear) -> WeightOnlyLinear:
+        raise NotImplementedError
 
 
 class OwnInt8Config(OwnQuantConfig):
-    pass
+    def grid(self) -> Grid:
+        return INT8_CHANNEL
+
+    def round_to_nearest(self, linear: nn.Linear) -> WeightOnlyLinear:
+        return Int8WeightLinear.from_linear(linear)
 
 
 class OwnInt8CpuConfig(WeightQuantConfig):
@@ -59,6 +94,12 @@ class OwnInt4Config(OwnQuantConfig):
     # 64 as bitsandbytes' NF4 blocksize: on SmolLM2-135M it halves the perplexity loss of 128
     # for 0.28x the fp16 bytes instead of 0.27x.
     group_size: PositiveInt = 64
+
+    def grid(self) -> Grid:
+        return int4_grid(self.group_size)
+
+    def round_to_nearest(self, linear: nn.Linear) -> WeightOnlyLinear:
+        return Int4WeightLinear.from_linear(linear, self.group_size)
 
 
 def use_kernels(model: nn.Module, kernel: Kernel) -> nn.Module:
@@ -83,18 +124,38 @@ def quantize_head(model: nn.Module) -> None:
         model.config.tie_word_embeddings = False  # the modules share the codes themselves; nothing to re-tie
 
 
-def quantize_own_int8(model: nn.Module, config: OwnInt8Config) -> nn.Module:
-    replace_linears(model, Int8WeightLinear.from_linear, config.skip_modules, conv1d=True)
-    if config.head == "int8":
-        quantize_head(model)
-    return use_kernels(model, config.kernel)
+def quantize_own(model: nn.Module, config: OwnQuantConfig) -> nn.Module:
+    """Round to nearest; the calibrated algorithms replace the layers in ``calibrate_own`` (they need text)."""
+    if config.calibrated:
+        return model
+    replace_linears(model, config.round_to_nearest, config.skip_modules, conv1d=True)
+    return _finish(model, config)
 
 
-def quantize_own_int4(model: nn.Module, config: OwnInt4Config) -> nn.Module:
-    def make(linear: nn.Linear) -> Int4WeightLinear:
-        return Int4WeightLinear.from_linear(linear, config.group_size)
+def calibrate_own(model: nn.Module, config: OwnQuantConfig, calibration: CalibrationSource) -> nn.Module:
+    if not config.calibrated:
+        return model
+    context = models.context_length(model.config)
+    if context is not None and config.calibration_seq_len > context:
+        raise ConfigError(
+            f"calibration_seq_len {config.calibration_seq_len} is longer than the model's context ({context})"
+        )
+    grid = config.grid()
+    if config.awq:
+        check_awq(model)
 
-    replace_linears(model, make, config.skip_modules, conv1d=True)
+    def make(layer: nn.Module, hessian: torch.Tensor) -> WeightOnlyLinear:
+        linear = layer if type(layer) is nn.Linear else as_linear(layer)
+        options = {"damp": config.damp, "act_order": config.act_order, "gptq_clip": config.gptq_clip}
+        return calibrated_linear(linear, hessian, grid, config.algorithm, **options).train(layer.training)
+
+    targets = [name for name, _ in linear_targets(model, config.skip_modules, conv1d=True)]
+    prepare = partial(fold_awq, grid=grid) if config.awq else None
+    replace_calibrated(model, targets, calibration.sequences(config), make, prepare)
+    return _finish(model, config)
+
+
+def _finish(model: nn.Module, config: OwnQuantConfig) -> nn.Module:
     if config.head == "int8":
         quantize_head(model)
     return use_kernels(model, config.kernel)
@@ -181,9 +242,10 @@ def load_own_int8_cpu(model_dir: Path, device: str = "cpu") -> nn.Module:
 register(
     Method(
         "own-int8",
-        "quantarena int8 weight-only, per-channel symmetric",
-        quantize_own_int8,
+        "quantarena int8 weight-only, per-channel symmetric; rounded to nearest, or calibrated: clip, gptq, awq",
+        quantize_own,
         OwnInt8Config,
+        calibrate=calibrate_own,
         save=save_own,
         load=load_own,
     )
@@ -203,9 +265,11 @@ register(
 register(
     Method(
         "own-int4",
-        "quantarena int4 weight-only, group-wise asymmetric, packed two per byte, fp16 scales",
-        quantize_own_int4,
+        "quantarena int4 weight-only, group-wise asymmetric, packed two per byte, fp16 scales; rounded to nearest, "
+        "or calibrated: clip, gptq, awq",
+        quantize_own,
         OwnInt4Config,
+        calibrate=calibrate_own,
         save=save_own,
         load=load_own,
     )
