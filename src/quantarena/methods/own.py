@@ -36,6 +36,10 @@ from quantarena.ownquant import (
 from quantarena.ownquant.algorithms import INT8_CHANNEL, Algorithm, Grid, calibrated_linear, int4_grid
 from quantarena.ownquant.awq import check_awq, fold_awq
 from quantarena.ownquant.cpu import Int8CpuLinear, use_cpu_kernels
+from quantarena.ownquant.fp4 import FORMATS as FP4_FORMATS
+from quantarena.ownquant.fp4 import Fp4WeightLinear
+from quantarena.ownquant.ggml import TYPES as GGUF_TYPES
+from quantarena.ownquant.ggml import GgufWeightLinear
 from quantarena.ownquant.sequential import replace_calibrated
 
 OWN_FORMAT_FILE = "quantarena_quant.json"
@@ -175,6 +179,8 @@ def save_own(model: nn.Module, out_dir: Path) -> None:
         name: {
             "format": getattr(m, "saved_format", type(m).__name__),
             "group_size": getattr(m, "group_size", None),
+            "fp4": m.fmt.name if isinstance(m, Fp4WeightLinear) else None,
+            "gguf_type": m.block_type.name if isinstance(m, GgufWeightLinear) else None,
             "in_features": m.in_features,
         }
         for name, m in model.named_modules()
@@ -191,7 +197,8 @@ def save_own(model: nn.Module, out_dir: Path) -> None:
 
 
 def _own_linear(spec: dict, tensors: dict[str, torch.Tensor], in_features: int) -> WeightOnlyLinear:
-    """One saved quantized Linear, rebuilt from its tensors (``qweight``, ``scales``, [``mins``], [``bias``])."""
+    """One saved quantized Linear, rebuilt from its tensors (``qweight``, ``scales``, [``mins``], [``tensor_scale``],
+    [``bias``])."""
     bias = tensors.get("bias")
     if spec["format"] == Int8WeightLinear.__name__:
         return Int8WeightLinear(tensors["qweight"], tensors["scales"], bias)
@@ -199,6 +206,11 @@ def _own_linear(spec: dict, tensors: dict[str, torch.Tensor], in_features: int) 
         return Int4WeightLinear(
             tensors["qweight"], tensors["scales"], tensors["mins"], in_features, spec["group_size"], bias
         )
+    if spec["format"] == Fp4WeightLinear.__name__ and spec.get("fp4") in FP4_FORMATS:
+        fmt = FP4_FORMATS[spec["fp4"]]
+        return Fp4WeightLinear(tensors["qweight"], tensors["scales"], tensors["tensor_scale"], in_features, fmt, bias)
+    if spec["format"] == GgufWeightLinear.__name__ and spec.get("gguf_type") in GGUF_TYPES:
+        return GgufWeightLinear(tensors["qweight"], in_features, GGUF_TYPES[spec["gguf_type"]], bias)
     raise ModelError(f"{OWN_FORMAT_FILE}: unknown module format {spec['format']!r}")
 
 
