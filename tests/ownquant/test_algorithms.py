@@ -258,3 +258,13 @@ def test_awq_runs_on_a_llama_and_is_refused_where_no_mapping_exists(tiny_llama_d
     gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     with pytest.raises(ConfigError, match="model type 'gpt2' has no mapping"):
         method.quantize(gpt2, config, calibration(tiny_gpt2_dir, data_dir))
+
+
+def test_a_layer_calibration_never_runs_is_still_quantized(tiny_llama_dir, data_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    model.model.layers[0].mlp.unused = torch.nn.Linear(64, 32)  # as an expert no token is routed to
+    method = METHODS.get("own-int4")
+    with torch.no_grad():
+        quantized = method.quantize(model, method.config_cls(algorithm="gptq", group_size=16, **SMALL),
+                                    calibration(tiny_llama_dir, data_dir))  # fmt: skip
+    assert isinstance(quantized.model.layers[0].mlp.unused, Int4WeightLinear)

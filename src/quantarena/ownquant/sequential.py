@@ -75,6 +75,11 @@ def _hidden(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _identity_for(layer: nn.Module) -> torch.Tensor:
+    width = layer.in_features if isinstance(layer, nn.Linear) else layer.weight.shape[0]  # Conv1D: (in, out)
+    return torch.eye(width, device=layer.weight.device)
+
+
 def _replace_from_hessians(
     model: nn.Module, names: list[str], quantize: QuantizeLayer, run: Callable[[], None], prepare: Prepare | None
 ) -> None:
@@ -107,12 +112,15 @@ def _replace_from_hessians(
         for handle in handles:
             handle.remove()
         last.clear()
+    averaged = {name: hessians[name] / tokens[name] for name in hessians}
     by_name = {}
     for name in names:
         owner = shares.get(name, name)
-        if owner not in hessians:
-            raise RuntimeError(f"calibration never ran layer {name}")
-        by_name[name] = hessians[owner] / tokens[owner] if owner == name else by_name[owner]
+        if owner not in averaged:
+            # Calibration never ran it (an expert no token was routed to): the identity, so its error is
+            # measured on the weights themselves.
+            averaged[owner] = _identity_for(model.get_submodule(name))
+        by_name[name] = averaged[owner]
     if prepare is not None:
         by_name = prepare(model, by_name)
     for name in names:
