@@ -48,6 +48,12 @@ def resolve_data_dir(explicit: Path | None = None) -> Path:
     return Path(explicit or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
 
 
+def text_column(dataset: str, explicit: str | None = None) -> str:
+    """The column holding a dataset's text: as given, else the named dataset's, else ``text``."""
+    named = NAMED_DATASETS.get(dataset)
+    return explicit or (named.text_column if named else "text")
+
+
 def dataset_path(dataset: str, data_dir: Path) -> Path:
     """A named dataset inside ``data_dir``, or a file path as given."""
     path = data_dir / NAMED_DATASETS[dataset].path if dataset in NAMED_DATASETS else Path(dataset).expanduser()

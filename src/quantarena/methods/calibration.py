@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, NonNegativeInt, PositiveInt, field_validator
 
-from quantarena.data import NAMED_DATASETS, dataset_path, file_sha256, read_records, require_columns
+from quantarena.data import NAMED_DATASETS, dataset_path, file_sha256, read_records, require_columns, text_column
 from quantarena.errors import DataError
 
 CALIBRATION_DATASET = "sst2-train"
@@ -49,9 +49,6 @@ class CalibrationOptions(BaseModel):
             )
         return dataset
 
-    def calibrates_on(self) -> str | None:
-        return self.calibration_dataset
-
 
 @dataclass(frozen=True)
 class Calibration:
@@ -67,7 +64,7 @@ class Calibration:
     def sequences(self, options: CalibrationOptions) -> torch.Tensor:
         """(samples, seq_len) token ids: the split's texts shuffled by the seed, joined by newlines, cut."""
         dataset = options.calibration_dataset
-        column = options.calibration_text_column or _text_column(dataset)
+        column = text_column(dataset, options.calibration_text_column)
         records = read_records(dataset, self.data_dir, "train")
         require_columns(records, [column], dataset)
         texts = [str(r[column]) for r in records]
@@ -86,10 +83,6 @@ class Calibration:
             )
         rows = torch.tensor(ids[:needed], dtype=torch.long).view(options.calibration_samples, -1)
         return rows.to(self.device)
-
-
-def _text_column(dataset: str) -> str:
-    return NAMED_DATASETS[dataset].text_column if dataset in NAMED_DATASETS else "text"
 
 
 # What calibrating methods are handed (kept as a name: the methods' signatures read better with it).

@@ -147,10 +147,10 @@ def calibrate_own(model: nn.Module, config: OwnQuantConfig, calibration: Calibra
     grid = config.grid()
     if config.awq:
         check_awq(model)
+    options = {"damp": config.damp, "act_order": config.act_order, "gptq_clip": config.gptq_clip}
 
     def make(layer: nn.Module, hessian: torch.Tensor) -> WeightOnlyLinear:
         linear = layer if type(layer) is nn.Linear else as_linear(layer)
-        options = {"damp": config.damp, "act_order": config.act_order, "gptq_clip": config.gptq_clip}
         return calibrated_linear(linear, hessian, grid, config.algorithm, **options).train(layer.training)
 
     targets = [name for name, _ in linear_targets(model, config.skip_modules, conv1d=True)]

@@ -94,6 +94,8 @@ def clip_ranges(
     w: torch.Tensor, hessian_block: torch.Tensor, grid: Grid, shrinks: Sequence[float] = CLIP_SHRINKS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``w`` (N, m), the shrunk range whose rounding error ``e`` has the least ``e H e^T``."""
+    if len(shrinks) == 1:  # nothing to choose between
+        return grid.ranges(w, shrinks[0])
     best_err = best_scale = best_offset = None
     for shrink in shrinks:
         scale, offset = grid.ranges(w, shrink)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import NonNegativeInt, PositiveInt
 
-from quantarena.data import NAMED_DATASETS, read_records, require_columns
+from quantarena.data import NAMED_DATASETS, read_records, require_columns, text_column
 from quantarena.errors import DataError
 from quantarena.measure import repeated_ms, timed
 from quantarena.metrics import classification_metrics
@@ -59,7 +59,7 @@ class Classification(Task):
     def load(self) -> LabeledTexts:
         cfg = self.config
         named = NAMED_DATASETS.get(cfg.dataset)
-        text_col = cfg.text_column or (named.text_column if named else "text")
+        text_col = text_column(cfg.dataset, cfg.text_column)
         label_col = cfg.label_column or (named.label_column if named and named.label_column else "label")
         records = read_records(cfg.dataset, self.data_dir, cfg.split)
         require_columns(records, [text_col, label_col], cfg.dataset)
