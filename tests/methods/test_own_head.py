@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from quantarena.errors import ConfigError, ModelError
 from quantarena.measure import weight_bytes
 from quantarena.methods import METHODS
-from quantarena.ownquant import Int8TiedEmbedding, Int8WeightLinear, kernel_summary
+from quantarena.ownquant import Int8WeightLinear, TiedEmbedding, kernel_summary
 from quantarena.ownquant.formats import dequantize_int8_per_channel
 
 
@@ -30,7 +30,7 @@ def test_the_tied_head_and_embedding_share_one_int8_copy(request, folder_fixture
     float_head = quantized(folder, "own-int4")
     int8_head = quantized(folder, "own-int4", head="int8")
     head, embedding = int8_head.get_output_embeddings(), int8_head.get_input_embeddings()
-    assert isinstance(head, Int8WeightLinear) and isinstance(embedding, Int8TiedEmbedding)
+    assert isinstance(head, Int8WeightLinear) and isinstance(embedding, TiedEmbedding)
     vocab, hidden = head.out_features, head.in_features
     # The fp32 matrix (held once, tied) becomes int8 codes and fp32 row scales, held once too.
     saved = vocab * hidden * 4 - (vocab * hidden + vocab * 4)
@@ -51,7 +51,7 @@ def test_saved_once_and_reloaded_tied(tiny_llama_dir, tmp_path):
     assert json.loads((tmp_path / "q" / "config.json").read_text())["tie_word_embeddings"] is False
 
     reloaded = method.reloader(tmp_path / "q", "cpu")
-    assert isinstance(reloaded.get_input_embeddings(), Int8TiedEmbedding)
+    assert isinstance(reloaded.get_input_embeddings(), TiedEmbedding)
     assert reloaded.get_input_embeddings()._head[0] is reloaded.get_output_embeddings()
     assert kernel_summary(reloaded) == kernel_summary(model) == {"int8pack_mm": 15}
     assert weight_bytes(reloaded) == weight_bytes(model)
@@ -68,12 +68,12 @@ def test_a_model_without_an_output_head_is_refused(tiny_bert_dir):
 
 
 @pytest.mark.parametrize("head", ["model.layers", "nowhere", ["lm_head"], None])
-def test_a_map_tying_an_embedding_to_no_int8_head_is_refused(tiny_llama_dir, tmp_path, head):
+def test_a_map_tying_an_embedding_to_no_quantized_head_is_refused(tiny_llama_dir, tmp_path, head):
     method = METHODS.get("own-int8")
     method.save(quantized(tiny_llama_dir, "own-int8", head="int8"), tmp_path / "q")
     qmap_file = tmp_path / "q" / "quantarena_quant.json"
     qmap = json.loads(qmap_file.read_text())
     qmap["modules"]["model.embed_tokens"]["head"] = head
     qmap_file.write_text(json.dumps(qmap))
-    with pytest.raises(ModelError, match="which is no int8 head"):
+    with pytest.raises(ModelError, match="which is no quantized head"):
         method.reloader(tmp_path / "q", "cpu")

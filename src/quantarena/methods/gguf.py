@@ -9,17 +9,17 @@ from torch import nn
 
 from quantarena.methods.base import Method, Requirements, WeightQuantConfig, register, replace_linears
 from quantarena.methods.own import load_own, save_own
-from quantarena.ownquant.ggml import TYPES, BlockType, GgufWeightLinear
+from quantarena.ownquant.ggml import LEGACY, TYPES, GgmlType, GgufWeightLinear
 
 SPEED = "GGUF blocks dequantized in PyTorch for each matmul: quality and bytes are llama.cpp's, speed is not"
 
 
-def _quantizer(block_type: BlockType):
+def _quantizer(ggml_type: GgmlType):
     def quantize(model: nn.Module, config: WeightQuantConfig) -> nn.Module:
         def make(linear: nn.Linear) -> nn.Module:
             if linear.in_features % 32:
                 return linear  # llama.cpp too keeps a row it cannot block in a wider type
-            return GgufWeightLinear.from_linear(linear, block_type)
+            return GgufWeightLinear.from_linear(linear, ggml_type)
 
         replace_linears(model, make, config.skip_modules, conv1d=True)
         return model
@@ -27,13 +27,13 @@ def _quantizer(block_type: BlockType):
     return quantize
 
 
-for block_type in TYPES.values():
+for ggml_type in (TYPES[name] for name in LEGACY):
     register(
         Method(
-            f"gguf-{block_type.name}",
-            f"llama.cpp GGUF {block_type.name.upper()} (blocks of 32, ggml's reference quantizer via the gguf "
+            f"gguf-{ggml_type.name}",
+            f"llama.cpp GGUF {ggml_type.name.upper()} (blocks of 32, ggml's reference quantizer via the gguf "
             "package), dequantized in PyTorch",
-            _quantizer(block_type),
+            _quantizer(ggml_type),
             WeightQuantConfig,
             requires=Requirements(packages=("gguf",), install="pip install gguf"),
             save=save_own,

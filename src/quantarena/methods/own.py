@@ -28,8 +28,8 @@ from quantarena.methods.base import (
 from quantarena.methods.calibration import CalibrationOptions, CalibrationSource
 from quantarena.ownquant import (
     Int4WeightLinear,
-    Int8TiedEmbedding,
     Int8WeightLinear,
+    TiedEmbedding,
     WeightOnlyLinear,
     use_triton_kernels,
 )
@@ -124,7 +124,7 @@ def quantize_head(model: nn.Module) -> None:
     quantized = Int8WeightLinear.from_linear(head)
     model.set_submodule(names[id(head)], quantized)
     if getattr(embedding, "weight", None) is head.weight:
-        model.set_submodule(names[id(embedding)], Int8TiedEmbedding(quantized, head.weight.dtype))
+        model.set_submodule(names[id(embedding)], TiedEmbedding(quantized, head.weight.dtype))
         model.config.tie_word_embeddings = False  # the modules share the codes themselves; nothing to re-tie
 
 
@@ -170,6 +170,10 @@ def quantize_own_int8_cpu(model: nn.Module, config: OwnInt8CpuConfig) -> nn.Modu
     return model
 
 
+# Checkpoints written before the tied embedding served every format named it after int8.
+TIED_FORMATS = (TiedEmbedding.__name__, "Int8TiedEmbedding")
+
+
 def save_own(model: nn.Module, out_dir: Path) -> None:
     """safetensors of the whole state (shared tensors stored once) plus a JSON map of quantized modules."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +184,7 @@ def save_own(model: nn.Module, out_dir: Path) -> None:
             "format": getattr(m, "saved_format", type(m).__name__),
             "group_size": getattr(m, "group_size", None),
             "fp4": m.fmt.name if isinstance(m, Fp4WeightLinear) else None,
-            "gguf_type": m.block_type.name if isinstance(m, GgufWeightLinear) else None,
+            "gguf_type": m.ggml_type.name if isinstance(m, GgufWeightLinear) else None,
             "in_features": m.in_features,
         }
         for name, m in model.named_modules()
@@ -188,9 +192,9 @@ def save_own(model: nn.Module, out_dir: Path) -> None:
     }
     heads = {id(m): name for name, m in model.named_modules()}
     modules |= {
-        name: {"format": Int8TiedEmbedding.__name__, "head": heads[id(m._head[0])]}
+        name: {"format": TiedEmbedding.__name__, "head": heads[id(m._head[0])]}
         for name, m in model.named_modules()
-        if isinstance(m, Int8TiedEmbedding)
+        if isinstance(m, TiedEmbedding)
     }
     kernel = getattr(model, KERNEL_ATTR, "auto")
     (out_dir / OWN_FORMAT_FILE).write_text(json.dumps({"version": 1, "modules": modules, "kernel": kernel}, indent=1))
@@ -222,7 +226,7 @@ def load_own(model_dir: Path, device: str = "cpu") -> nn.Module:
         raise ModelError(f"{OWN_FORMAT_FILE}: unknown kernel {kernel!r}; valid: {', '.join(get_args(Kernel))}")
     state = load_file(model_dir / "model.safetensors")
     model = empty_model(model_dir)
-    tied = {name: spec for name, spec in qmap["modules"].items() if spec.get("format") == Int8TiedEmbedding.__name__}
+    tied = {name: spec for name, spec in qmap["modules"].items() if spec.get("format") in TIED_FORMATS}
     for name, spec in qmap["modules"].items():
         if name in tied:
             continue
@@ -234,9 +238,9 @@ def load_own(model_dir: Path, device: str = "cpu") -> nn.Module:
     for name, spec in tied.items():
         head_name = spec.get("head")
         head = qmap["modules"].get(head_name) if isinstance(head_name, str) else None
-        if not isinstance(head, dict) or head.get("format") != Int8WeightLinear.__name__:
-            raise ModelError(f"{OWN_FORMAT_FILE}: {name} is tied to {head_name!r}, which is no int8 head")
-        model.set_submodule(name, Int8TiedEmbedding(model.get_submodule(head_name)))
+        if not isinstance(head, dict) or head_name in tied:
+            raise ModelError(f"{OWN_FORMAT_FILE}: {name} is tied to {head_name!r}, which is no quantized head")
+        model.set_submodule(name, TiedEmbedding(model.get_submodule(head_name)))
     model.load_state_dict(state, strict=False, assign=True)
     model = finish_loaded(model, device)
     return use_kernels(model, kernel)

@@ -106,6 +106,10 @@ class WeightOnlyLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantize_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` of the weight (a tied embedding's lookup); formats that can, read only those rows."""
+        return F.embedding(ids, self.dequantize()).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
@@ -123,6 +127,9 @@ class Int8WeightLinear(WeightOnlyLinear):
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8_per_channel(self.qweight, self.scales)
+
+    def dequantize_rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).to(dtype) * self.scales[ids].to(dtype)[..., None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -156,23 +163,22 @@ class Int4WeightLinear(WeightOnlyLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
 
 
-class Int8TiedEmbedding(nn.Module):
-    """An input embedding tied to an own int8 output head: the head's int8 rows, scaled, are its vectors.
+class TiedEmbedding(nn.Module):
+    """An input embedding tied to a quantized output head: the head's rows, dequantized, are its vectors.
 
     It holds no tensor of its own: the head's are the only copy. It keeps the head outside its submodules (so the
     head is saved and counted once, under its own name) and reads the head's tensors at each call (so they stay
     one copy after ``.to()``, which would give two modules' shared buffers a copy each).
     """
 
-    def __init__(self, head: Int8WeightLinear, dtype: torch.dtype = torch.float32):
+    def __init__(self, head: WeightOnlyLinear, dtype: torch.dtype = torch.float32):
         super().__init__()
         self._head = (head,)
         self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        head = self._head[0]
-        return F.embedding(ids, head.qweight).to(self.dtype) * head.scales[ids].to(self.dtype)[..., None]
+        return self._head[0].dequantize_rows(ids, self.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows of the tied output head"
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the tied {type(self._head[0]).__name__} head"

@@ -44,13 +44,15 @@ class Variant:
         method = METHODS.get(self.method.name)
         calibration = self.method.config.calibrates_on() if method.calibrate is not None else None
         packages = (*CORE_PACKAGES, *method.requires.packages)
+        tool = method.requires.tool
+        tools = {tool.NAME: tool.version()} if tool else {}
         return {
             # The seed initialises a classifier head the checkpoint lacks.
             "model": [self.model.digest, self.kind, self.model.num_labels, self.seed],
             "method": [self.method.name, self.method.config.model_dump(mode="json")],
             "calibration": calibration_digest(self.data_dir, calibration) if calibration else None,
             "device": self.device,
-            "versions": {p: package_version(p) for p in packages},
+            "versions": {p: package_version(p) for p in packages} | tools,
         }
 
     def key(self) -> str:

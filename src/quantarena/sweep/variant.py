@@ -26,6 +26,7 @@ from quantarena.errors import QuantarenaError, first_line
 from quantarena.methods import METHODS, quantize_with_calibration
 from quantarena.methods.base import coverage, linear_layers, nothing_quantized
 from quantarena.ownquant import kernel_summary
+from quantarena.ownquant.ggml import ggml_summary
 from quantarena.results import CellResult
 from quantarena.sweep.cache import VariantCache
 from quantarena.sweep.plan import Cell, Job, Variant
@@ -229,6 +230,9 @@ def run_job(job: Job, progress: Progress) -> Iterator[Event]:
         kernels = kernel_summary(prepared.model)
         if kernels:  # which forward the own formats run: fast kernels, or the portable fallback
             prepared.measurements["linear_kernels"] = kernels
+        gguf_types = ggml_summary(prepared.model)
+        if gguf_types:  # the types llama.cpp chose per tensor (a GGUF file type is a mixture)
+            prepared.measurements["gguf_tensor_types"] = gguf_types
     except Exception as e:
         status = "skipped" if isinstance(e, NothingQuantized) else "failed"
         reason = failure_reason(e)
