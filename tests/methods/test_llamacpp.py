@@ -13,7 +13,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from transformers import AutoModelForCausalLM
 
-from quantarena import llamacpp
+from quantarena import llamacpp, models
 from quantarena.errors import ModelError
 from quantarena.measure import weight_bytes
 from quantarena.methods import METHODS, quantize_with_calibration
@@ -165,3 +165,14 @@ def test_q4_k_m_on_smollm2_holds_the_files_bytes_beats_rtn_and_reloads(
     assert weight_bytes(reloaded) == weight_bytes(quantized)
     with torch.inference_mode():
         assert torch.equal(reloaded(input_ids=ids[:, :64]).logits, quantized(input_ids=ids[:, :64]).logits)
+
+
+def test_bad_calibration_data_fails_before_any_conversion(tiny_llama_dir, data_dir, tmp_path, monkeypatch):
+    from quantarena.errors import DataError
+
+    monkeypatch.setattr(llamacpp, "convert", lambda *a: pytest.fail("converted before the data was read"))
+    model, tokenizer = models.load(models.resolve(str(tiny_llama_dir)), "causal-lm", seed=0)
+    method = METHODS.get("gguf-iq4_xs")
+    config = method.config_cls(calibration_dataset=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match=r"missing\.jsonl"):
+        quantize_with_calibration(method, config, model, tokenizer, data_dir, torch.device("cpu"))

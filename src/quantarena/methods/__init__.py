@@ -9,6 +9,7 @@ from quantarena.methods import (  # noqa: F401
     hqq,
     inductor_int8,
     llamacpp,
+    llmcompressor,
     own,
     quanto,
     torch_dynamic,

@@ -132,12 +132,16 @@ def _head_name(model: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is head)
 
 
-def importance_matrix(model: Path, config: LlamaCppConfig, calibration: CalibrationSource, tmp: Path) -> Path:
-    """llama-imatrix over the calibration sequences, decoded to the text llama.cpp tokenizes again."""
-    ids = calibration.sequences(config)
-    text = tmp / "calibration.txt"
-    text.write_text(calibration.tokenizer.decode(ids.flatten().tolist()))
-    return llamacpp.imatrix(model, text, tmp / "imatrix.gguf", config.calibration_seq_len, config.calibration_samples)
+def importance_matrix(model: Path, text: str, config: LlamaCppConfig, tmp: Path) -> Path:
+    """llama-imatrix over ``text`` (the calibration sequences decoded: llama.cpp tokenizes it again), in
+    ``calibration_samples`` chunks of ``calibration_seq_len`` tokens."""
+    (tmp / "calibration.txt").write_text(text)
+    samples, seq_len = config.calibration_samples, config.calibration_seq_len
+    return llamacpp.imatrix(model, tmp / "calibration.txt", tmp / "imatrix.gguf", seq_len, samples)
+
+
+def calibration_text(config: LlamaCppConfig, calibration: CalibrationSource) -> str:
+    return calibration.tokenizer.decode(calibration.sequences(config).flatten().tolist())
 
 
 def _quantizer(file_type: str):
@@ -146,12 +150,13 @@ def _quantizer(file_type: str):
             raise ConfigError(
                 f"gguf-{file_type}: llama.cpp runs causal language models, not {model.config.architectures}"
             )
+        text = calibration_text(config, calibration) if config.imatrix else None  # bad data fails before the work
         with tempfile.TemporaryDirectory(prefix="quantarena-gguf-") as tmp_name:
             tmp = Path(tmp_name)
             model.save_pretrained(tmp / "hf", safe_serialization=True)
             calibration.tokenizer.save_pretrained(tmp / "hf")
             converted = llamacpp.convert(tmp / "hf", tmp / "f32.gguf")
-            importance = importance_matrix(converted, config, calibration, tmp) if config.imatrix else None
+            importance = importance_matrix(converted, text, config, tmp) if text is not None else None
             quantized = llamacpp.quantize(converted, tmp / f"{file_type}.gguf", file_type.upper(), importance)
             return load_gguf_weights(model, quantized, converted)
 
