@@ -18,7 +18,7 @@ from quantarena.errors import ModelError
 from quantarena.measure import weight_bytes
 from quantarena.methods import METHODS, quantize_with_calibration
 from quantarena.methods.llamacpp import _row_order, load_gguf_weights
-from quantarena.ownquant import TiedEmbedding
+from quantarena.ownquant import QuantizedEmbedding, TiedEmbedding
 from quantarena.ownquant.ggml import TYPES, GgufWeightLinear, dequantize_rows, quantize_blocks
 
 needs_llama_cpp = pytest.mark.skipif(llamacpp.unmet() is not None, reason=str(llamacpp.unmet()))
@@ -85,12 +85,15 @@ def _write_gguf(path, tensors: dict[str, np.ndarray], raw_dtype: GGMLQuantizatio
     writer.close()
 
 
-def test_a_files_tensors_replace_the_layers_rows_permuted_back(tiny_llama_dir, tmp_path):
-    """A file as llama.cpp's converter lays it out (q and k rows permuted, tied head as token_embd only), its
-    tensors in Q8_0: the loaded model computes exactly what Q8_0 of the model's own rows computes."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_files_tensors_replace_the_layers_rows_permuted_back(tiny_llama_dir, tmp_path, tied):
+    """A file as llama.cpp's converter lays it out (q and k rows permuted; a tied head as token_embd only), its
+    tensors in Q8_0: the loaded model computes exactly what Q8_0 of the model's own rows computes, and saves and
+    reloads as it is."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, tie_word_embeddings=tied).eval()
     config = model.config
-    names = {"model.embed_tokens": "token_embd"}
+    names = {"model.embed_tokens": "token_embd"} | ({} if tied else {"lm_head": "output"})
     for i in range(config.num_hidden_layers):
         for hf, gg in [("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
                        ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
@@ -109,18 +112,32 @@ def test_a_files_tensors_replace_the_layers_rows_permuted_back(tiny_llama_dir, t
     for hf in names:
         if hf != "model.embed_tokens":
             expected.set_submodule(hf, GgufWeightLinear.from_linear(expected.get_submodule(hf), TYPES["q8_0"]))
-    head = GgufWeightLinear.from_linear(expected.lm_head, TYPES["q8_0"])
-    expected.lm_head = head
-    expected.model.embed_tokens = TiedEmbedding(head)
+    if tied:
+        head = GgufWeightLinear.from_linear(expected.lm_head, TYPES["q8_0"])
+        expected.lm_head, expected.model.embed_tokens = head, TiedEmbedding(head)
+    else:
+        table = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        table.weight = model.model.embed_tokens.weight
+        expected.model.embed_tokens = QuantizedEmbedding(GgufWeightLinear.from_linear(table, TYPES["q8_0"]))
 
     loaded = load_gguf_weights(model, tmp_path / "q8_0.gguf", tmp_path / "f32.gguf")
-    assert isinstance(loaded.model.embed_tokens, TiedEmbedding) and loaded.model.embed_tokens._head[0] is loaded.lm_head
+    embedding = loaded.model.embed_tokens
+    if tied:
+        assert isinstance(embedding, TiedEmbedding) and embedding._head[0] is loaded.lm_head
+    else:
+        assert isinstance(embedding, QuantizedEmbedding) and embedding.rows is not loaded.lm_head
     file_bytes = sum(int(t.n_bytes) for t in GGUFReader(tmp_path / "q8_0.gguf").tensors)
     floats = [t for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if not n.endswith("qweight")]
     assert weight_bytes(loaded) == file_bytes + sum(t.nbytes for t in floats)  # + norms, rotary frequencies
     ids = torch.randint(0, config.vocab_size, (2, 7))
+    method = METHODS.get("gguf-q4_k_m")
+    method.save(loaded, tmp_path / "saved")
+    reloaded = method.reloader(tmp_path / "saved", "cpu")
+    assert weight_bytes(reloaded) == weight_bytes(loaded)
     with torch.inference_mode():
-        assert torch.equal(loaded(input_ids=ids).logits, expected(input_ids=ids).logits)
+        logits = loaded(input_ids=ids).logits
+        assert torch.equal(logits, expected(input_ids=ids).logits)
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
 
 
 def test_without_the_build_the_methods_skip_with_the_command(monkeypatch, tmp_path):

@@ -20,7 +20,7 @@ from quantarena.errors import ConfigError, ModelError
 from quantarena.methods.base import Method, MethodConfig, Requirements, register
 from quantarena.methods.calibration import CalibrationOptions, CalibrationSource
 from quantarena.methods.own import load_own, save_own
-from quantarena.ownquant.formats import TiedEmbedding
+from quantarena.ownquant.formats import QuantizedEmbedding, TiedEmbedding
 from quantarena.ownquant.ggml import TYPES, GgufWeightLinear
 
 SPEED = (
@@ -116,11 +116,12 @@ def load_gguf_weights(model: nn.Module, quantized: Path, converted: Path) -> nn.
         blocks = blocks.to(module.weight.device)
         k = module.weight.shape[1]
         if isinstance(module, nn.Embedding):
-            if not tied_head:
-                raise ModelError(f"llama.cpp quantized {tensor.name} of a model without a tied head: not supported")
-            head = GgufWeightLinear(blocks, k, ggml_type, None)
-            model.set_submodule(_head_name(model), head)
-            model.set_submodule(module_name, TiedEmbedding(head, module.weight.dtype))
+            table = GgufWeightLinear(blocks, k, ggml_type, None)
+            if tied_head:  # llama.cpp's token_embd is the head too
+                model.set_submodule(_head_name(model), table)
+                model.set_submodule(module_name, TiedEmbedding(table, module.weight.dtype))
+            else:
+                model.set_submodule(module_name, QuantizedEmbedding(table, module.weight.dtype))
             model.config.tie_word_embeddings = False  # the modules share the bytes themselves; nothing to re-tie
         else:
             model.set_submodule(module_name, GgufWeightLinear(blocks, k, ggml_type, module.bias).train(module.training))

@@ -29,6 +29,7 @@ from quantarena.methods.calibration import CalibrationOptions, CalibrationSource
 from quantarena.ownquant import (
     Int4WeightLinear,
     Int8WeightLinear,
+    QuantizedEmbedding,
     TiedEmbedding,
     WeightOnlyLinear,
     use_triton_kernels,
@@ -196,6 +197,11 @@ def save_own(model: nn.Module, out_dir: Path) -> None:
         for name, m in model.named_modules()
         if isinstance(m, TiedEmbedding)
     }
+    modules |= {
+        name: {"format": QuantizedEmbedding.__name__}
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedEmbedding)
+    }
     kernel = getattr(model, KERNEL_ATTR, "auto")
     (out_dir / OWN_FORMAT_FILE).write_text(json.dumps({"version": 1, "modules": modules, "kernel": kernel}, indent=1))
 
@@ -227,14 +233,20 @@ def load_own(model_dir: Path, device: str = "cpu") -> nn.Module:
     state = load_file(model_dir / "model.safetensors")
     model = empty_model(model_dir)
     tied = {name: spec for name, spec in qmap["modules"].items() if spec.get("format") in TIED_FORMATS}
+    embeddings = {name for name, spec in qmap["modules"].items() if spec.get("format") == QuantizedEmbedding.__name__}
     for name, spec in qmap["modules"].items():
-        if name in tied:
+        if name in tied or name in embeddings:
             continue
         prefix = f"{name}."
         tensors = {k[len(prefix) :]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
         # in_features in the map: the layer it replaces may be a Conv1D, which names its widths otherwise.
         in_features = spec.get("in_features") or model.get_submodule(name).in_features
-        model.set_submodule(name, _own_linear(spec, tensors, in_features))
+        layer = _own_linear(spec, tensors, in_features)
+        parent, _, child = name.rpartition(".")
+        if parent in embeddings and child == "rows":
+            model.set_submodule(parent, QuantizedEmbedding(layer))
+        else:
+            model.set_submodule(name, layer)
     for name, spec in tied.items():
         head_name = spec.get("head")
         head = qmap["modules"].get(head_name) if isinstance(head_name, str) else None

@@ -2,12 +2,19 @@
 GEMV/GEMM kernels for CUDA (``triton_kernels``, selected by ``kernels``) and int8 on the CPU through FBGEMM
 (``cpu``)."""
 
-from quantarena.ownquant.formats import Int4WeightLinear, Int8WeightLinear, TiedEmbedding, WeightOnlyLinear
+from quantarena.ownquant.formats import (
+    Int4WeightLinear,
+    Int8WeightLinear,
+    QuantizedEmbedding,
+    TiedEmbedding,
+    WeightOnlyLinear,
+)
 from quantarena.ownquant.kernels import kernel_summary, use_triton_kernels
 
 __all__ = [
     "Int4WeightLinear",
     "Int8WeightLinear",
+    "QuantizedEmbedding",
     "TiedEmbedding",
     "WeightOnlyLinear",
     "kernel_summary",

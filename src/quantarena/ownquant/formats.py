@@ -182,3 +182,17 @@ class TiedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows of the tied {type(self._head[0]).__name__} head"
+
+
+class QuantizedEmbedding(nn.Module):
+    """An input embedding of its own (not tied to a head) whose table is a quantized Linear's weight, held as its
+    submodule ``rows`` (saved and counted under ``<name>.rows``)."""
+
+    def __init__(self, rows: WeightOnlyLinear, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.rows = rows
+        self.num_embeddings, self.embedding_dim = rows.out_features, rows.in_features
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows.dequantize_rows(ids, self.dtype)
