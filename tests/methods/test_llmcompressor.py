@@ -69,7 +69,7 @@ def test_group_128_on_576_wide_rows_is_llmcompressors_one_line_refusal(smollm2_w
 def test_gptq_on_smollm2_packs_as_computed_beats_rtn_and_reloads(smollm2_wikitext, data_dir, tmp_path, perplexity):
     model, tokenizer, ids = smollm2_wikitext
     method = METHODS.get("llmc-gptq-w4a16")
-    config = method.config_cls(group_size=64, calibration_samples=16, calibration_seq_len=128)
+    config = method.config_cls(group_size=64, calibration_samples=32, calibration_seq_len=256)
     quantized = quantize_with_calibration(
         method, config, copy.deepcopy(model), tokenizer, data_dir, torch.device("cpu")
     )
