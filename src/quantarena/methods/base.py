@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from quantarena import models
-from quantarena.errors import ModelError
+from quantarena.errors import ConfigError, ModelError
 from quantarena.methods.calibration import CALIBRATION_DATASET, Calibration, CalibrationSource
 from quantarena.registry import Registry
 
@@ -124,6 +124,24 @@ def load_cast(model_dir: Path, device: str = "cpu") -> nn.Module:
     while the cast that was measured (``model.to(dtype)``) cast them too; cast again so they match."""
     model = load_pretrained(model_dir, device)
     return model.to(model.dtype)
+
+
+def deferred_to_calibrate(model: nn.Module, config: Any) -> nn.Module:
+    """``apply`` of a method whose tool needs the tokenizer or calibration text, which only ``calibrate``
+    receives: its whole work is done there."""
+    return model
+
+
+def require_causal_lm(method: str, model: nn.Module) -> None:
+    if models.kind_of(model.config) != "causal-lm":
+        raise ConfigError(f"{method} runs causal language models, not {model.config.architectures}")
+
+
+def save_with_tokenizer(model: nn.Module, tokenizer: Any, folder: Path) -> Path:
+    """A Hugging Face folder (safetensors, config, tokenizer): what tools run outside this process read."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def empty_model(model_dir: Path) -> nn.Module:

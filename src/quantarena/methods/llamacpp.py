@@ -15,9 +15,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantarena import llamacpp, models
-from quantarena.errors import ConfigError, ModelError
-from quantarena.methods.base import Method, MethodConfig, Requirements, register
+from quantarena import llamacpp
+from quantarena.errors import ModelError
+from quantarena.methods.base import (
+    Method,
+    MethodConfig,
+    Requirements,
+    deferred_to_calibrate,
+    register,
+    require_causal_lm,
+    save_with_tokenizer,
+)
 from quantarena.methods.calibration import CalibrationOptions, CalibrationSource
 from quantarena.methods.own import load_own, save_own
 from quantarena.ownquant.formats import QuantizedEmbedding, TiedEmbedding
@@ -42,11 +50,6 @@ class LlamaCppConfig(MethodConfig, CalibrationOptions):
 
 class ImatrixConfig(LlamaCppConfig):
     imatrix: bool = True  # the i-quants are made for an importance matrix
-
-
-def _nothing(model: nn.Module, config: LlamaCppConfig) -> nn.Module:
-    """llama.cpp's converter needs the tokenizer too, which the calibrate step receives; the work is there."""
-    return model
 
 
 def _gguf_names(model: nn.Module, architecture: str) -> dict[str, str]:
@@ -147,16 +150,12 @@ def calibration_text(config: LlamaCppConfig, calibration: CalibrationSource) -> 
 
 def _quantizer(file_type: str):
     def quantize(model: nn.Module, config: LlamaCppConfig, calibration: CalibrationSource) -> nn.Module:
-        if models.kind_of(model.config) != "causal-lm":
-            raise ConfigError(
-                f"gguf-{file_type}: llama.cpp runs causal language models, not {model.config.architectures}"
-            )
+        require_causal_lm(f"gguf-{file_type}", model)
         text = calibration_text(config, calibration) if config.imatrix else None  # bad data fails before the work
         with tempfile.TemporaryDirectory(prefix="quantarena-gguf-") as tmp_name:
             tmp = Path(tmp_name)
-            model.save_pretrained(tmp / "hf", safe_serialization=True)
-            calibration.tokenizer.save_pretrained(tmp / "hf")
-            converted = llamacpp.convert(tmp / "hf", tmp / "f32.gguf")
+            hf = save_with_tokenizer(model, calibration.tokenizer, tmp / "hf")
+            converted = llamacpp.convert(hf, tmp / "f32.gguf")
             importance = importance_matrix(converted, text, config, tmp) if text is not None else None
             quantized = llamacpp.quantize(converted, tmp / f"{file_type}.gguf", file_type.upper(), importance)
             return load_gguf_weights(model, quantized, converted)
@@ -171,7 +170,7 @@ for file_type in FILE_TYPES:
             f"llama.cpp GGUF {file_type.upper()} made by llama.cpp's llama-quantize (its per-tensor types"
             + (", importance matrix by llama-imatrix" if file_type.startswith("iq") else "")
             + "), dequantized in PyTorch",
-            _nothing,
+            deferred_to_calibrate,
             ImatrixConfig if file_type.startswith("iq") else LlamaCppConfig,
             requires=Requirements(
                 packages=("gguf", "sentencepiece"), install="pip install 'quantarena[llamacpp]'", tool=llamacpp

@@ -18,16 +18,18 @@ import numpy as np
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from quantarena import llmc, models
-from quantarena.errors import ConfigError
+from quantarena import llmc
 from quantarena.methods.base import (
     Method,
     Requirements,
     WeightQuantConfig,
+    deferred_to_calibrate,
     load_pretrained,
     module_matches,
     register,
+    require_causal_lm,
     save_pretrained,
+    save_with_tokenizer,
 )
 from quantarena.methods.calibration import CalibrationOptions, CalibrationSource
 
@@ -87,27 +89,20 @@ class SmoothQuantConfig(LlmCompressorConfig):
                 "smoothing_strength": self.smoothing_strength}  # fmt: skip
 
 
-def _nothing(model: nn.Module, config: LlmCompressorConfig) -> nn.Module:
-    """llmcompressor needs the calibration text, which the calibrate step receives; the work is there."""
-    return model
-
-
 def _ignored(model: nn.Module, skip_modules: tuple[str, ...]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and module_matches(n, skip_modules)]
 
 
 def _compress(name: str):
     def compress(model: nn.Module, config: LlmCompressorConfig, calibration: CalibrationSource) -> nn.Module:
-        if models.kind_of(model.config) != "causal-lm":
-            raise ConfigError(f"{name}: llmcompressor's recipes here are for causal language models")
+        require_causal_lm(name, model)
+        ids = calibration.sequences(config).cpu().numpy().astype(np.int64)  # bad data fails before the work
         device = next(model.parameters()).device
         with tempfile.TemporaryDirectory(prefix="quantarena-llmc-") as tmp_name:
             tmp = Path(tmp_name)
-            model.save_pretrained(tmp / "model", safe_serialization=True)
-            calibration.tokenizer.save_pretrained(tmp / "model")
-            np.save(tmp / "calibration.npy", calibration.sequences(config).cpu().numpy().astype(np.int64))
+            np.save(tmp / "calibration.npy", ids)
             job = config.job() | {
-                "model_dir": str(tmp / "model"),
+                "model_dir": str(save_with_tokenizer(model, calibration.tokenizer, tmp / "model")),
                 "calibration": str(tmp / "calibration.npy"),
                 "ignore": _ignored(model, config.skip_modules),
                 "out_dir": str(tmp / "compressed"),
@@ -131,7 +126,7 @@ for name, description, config_cls in [
         Method(
             name,
             description,
-            _nothing,
+            deferred_to_calibrate,
             config_cls,
             requires=Requirements(
                 devices=("cpu", "cuda"),
