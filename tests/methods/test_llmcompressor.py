@@ -91,3 +91,69 @@ def test_gptq_on_smollm2_packs_as_computed_beats_rtn_and_reloads(smollm2_wikitex
     assert fp32 < gptq < own_int4
     with torch.inference_mode():
         assert torch.equal(reloaded(input_ids=ids[:, :64]).logits, quantized(input_ids=ids[:, :64]).logits)
+
+
+@pytest.mark.slow
+@needs_llmcompressor
+def test_asymmetric_checkpoints_load_their_packed_zero_points_and_reload(tiny_llama_dir, data_dir, tmp_path):
+    """compressed-tensors writes an asymmetric layer's zero points packed eight to an int32 along the rows, and
+    its own meta layout expects them unpacked (llm-compressor issue 1618): loaded here, every weight is
+    (q - zero point) * scale of the checkpoint's own tensors, unpacked by compressed-tensors' helpers."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    method = METHODS.get("llmc-gptq-w4a16")
+    config = method.config_cls(group_size=32, symmetric=False, calibration_samples=4, calibration_seq_len=32)
+    quantized = quantize_with_calibration(method, config, model, tokenizer, data_dir, torch.device("cpu"))
+    method.save(quantized, tmp_path / "q")
+    reloaded = method.reloader(tmp_path / "q", "cpu")
+    assert weight_bytes(reloaded) == weight_bytes(quantized)
+
+    layer = quantized.model.layers[0].mlp.down_proj  # 64 x 160: five groups a row
+    packed = {n: t.clone() for n, t in [*layer.named_parameters(), *layer.named_buffers()]}
+    assert packed["weight_zero_point"].shape == (64 // 8, 5) and packed["weight_zero_point"].dtype == torch.int32
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    with torch.inference_mode():
+        assert torch.equal(reloaded(input_ids=ids).logits, quantized(input_ids=ids).logits)  # decompresses
+    q = unpack_from_int32(packed["weight_packed"], 4, torch.Size([64, 160])).float()
+    zero_point = unpack_from_int32(packed["weight_zero_point"], 4, torch.Size([64, 5]), packed_dim=0).float()
+    assert zero_point.unique().numel() > 1  # asymmetric: the zero points differ
+    by_hand = (q - zero_point.repeat_interleave(32, dim=1)) * packed["weight_scale"].repeat_interleave(32, dim=1)
+    assert torch.allclose(layer.weight.float(), by_hand, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@needs_llmcompressor
+@pytest.mark.parametrize(
+    "name, options, stored",
+    [
+        # AWQ (asymmetric int4, groups of 32) on a 64 x 160 layer: codes eight to an int32, an fp32 scale a group,
+        # zero points packed eight to an int32 along the rows, the int64 shape pair.
+        ("llmc-awq-w4a16", {"group_size": 32},
+         {"weight_packed": 64 * 160 // 2, "weight_scale": 64 * 5 * 4, "weight_zero_point": 8 * 5 * 4,
+          "weight_shape": 16}),
+        # SmoothQuant + GPTQ W8A8: int8 codes and an fp32 scale per row; activations are quantized per token at run
+        # time, so nothing is stored for them.
+        ("llmc-smoothquant-w8a8", {}, {"weight": 64 * 160, "weight_scale": 64 * 4}),
+    ],
+)  # fmt: skip
+def test_awq_and_smoothquant_store_their_formats_and_reload(tiny_llama_dir, data_dir, tmp_path, name, options, stored):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    method = METHODS.get(name)
+    config = method.config_cls(**options, calibration_samples=4, calibration_seq_len=32)
+    quantized = quantize_with_calibration(method, config, model, tokenizer, data_dir, torch.device("cpu"))
+    layer = quantized.model.layers[0].mlp.down_proj
+    assert {n: t.nbytes for n, t in [*layer.named_parameters(), *layer.named_buffers()]} == stored
+    method.save(quantized, tmp_path / "q")
+    reloaded = method.reloader(tmp_path / "q", "cpu")
+    assert weight_bytes(reloaded) == weight_bytes(quantized)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    with torch.inference_mode():
+        logits = quantized(input_ids=ids).logits
+        assert torch.isfinite(logits).all()
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)

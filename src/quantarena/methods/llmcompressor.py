@@ -10,11 +10,15 @@ decompressed (the quantized values, exactly). vLLM's GPU kernels read the packed
 
 from __future__ import annotations
 
+import contextlib
+import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
@@ -93,6 +97,41 @@ def _ignored(model: nn.Module, skip_modules: tuple[str, ...]) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and module_matches(n, skip_modules)]
 
 
+@contextlib.contextmanager
+def _packed_zero_points_on_meta() -> Iterator[None]:
+    """compressed-tensors (0.20) lays out an asymmetric packed layer on the meta device with its zero points
+    unpacked, (rows, groups), while the checkpoint holds them as its own compress writes them: packed along the
+    rows into int32; transformers then refuses the size mismatch (llm-compressor issue 1618). Inside this, the
+    meta layout has the packed shape, so the checkpoint loads as written (and decompress unpacks it)."""
+    from compressed_tensors.compressors.pack_quantized.base import PACK_ZP_STRATS, PackedQuantizationCompressor
+
+    compress = PackedQuantizationCompressor.__dict__["compress"]
+
+    def packed_on_meta(cls, state_dict, scheme):
+        out = compress.__func__(cls, state_dict, scheme)
+        zero_point, weights = out.get("weight_zero_point"), scheme.weights
+        if (
+            zero_point is not None
+            and zero_point.device.type == "meta"
+            and not weights.symmetric
+            and weights.strategy in PACK_ZP_STRATS
+        ):
+            rows = math.ceil(zero_point.shape[0] * weights.num_bits / 32)
+            out["weight_zero_point"] = torch.empty(rows, *zero_point.shape[1:], dtype=torch.int32, device="meta")
+        return out
+
+    PackedQuantizationCompressor.compress = classmethod(packed_on_meta)
+    try:
+        yield
+    finally:
+        PackedQuantizationCompressor.compress = compress
+
+
+def load_compressed(model_dir: Path, device: str) -> nn.Module:
+    with _packed_zero_points_on_meta():
+        return load_pretrained(model_dir, device)
+
+
 def _compress(name: str):
     def compress(model: nn.Module, config: LlmCompressorConfig, calibration: CalibrationSource) -> nn.Module:
         require_causal_lm(name, model)
@@ -108,7 +147,7 @@ def _compress(name: str):
                 "out_dir": str(tmp / "compressed"),
             }
             llmc.oneshot(job, tmp / "job.json")
-            return load_pretrained(tmp / "compressed", device.type)
+            return load_compressed(tmp / "compressed", device.type)
 
     return compress
 
@@ -135,7 +174,7 @@ for name, description, config_cls in [
                 tool=llmc,
             ),
             save=save_pretrained,
-            load=load_pretrained,
+            load=load_compressed,
             calibrate=_compress(name),
             caveat=CAVEAT,
         )
