@@ -1,7 +1,9 @@
-"""own-int8 and own-int4 on the CPU through PyTorch's packed-weight kernels: prompts give exactly the portable
-path's numbers, decode steps the same within bf16 rounding (the kernels run bf16 activations), the own tensors
-come back when saving, and the weight bytes are what the layers hold."""
+"""own-int8 and own-int4 on the CPU through the own AVX2 int4 kernel and PyTorch's packed-weight kernels: prompts
+give exactly the portable path's numbers, decode steps the same within the kernels' activation rounding (int16 per
+group for the own kernel, bf16 for PyTorch's), the own tensors come back when saving, and the weight bytes are
+what the layers hold."""
 
+import copy
 import json
 
 import numpy as np
@@ -15,7 +17,11 @@ from quantarena import numerics
 from quantarena.measure import weight_bytes
 from quantarena.methods import METHODS
 from quantarena.ownquant import Int4WeightLinear, Int8WeightLinear, kernel_summary
-from quantarena.ownquant.cpu import Int4PackedCpuLinear, use_cpu_kernels
+from quantarena.ownquant.cpu import Int4PackedCpuLinear, avx2_int4_unavailable, use_cpu_kernels
+
+# The int4 kernel an own-int4 CPU model runs where both fit: the own one wherever it builds.
+INT4_KERNEL = "int4pack_mm" if avx2_int4_unavailable() else "int4_avx2"
+needs_avx2_kernel = pytest.mark.skipif(avx2_int4_unavailable() is not None, reason=str(avx2_int4_unavailable()))
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -62,22 +68,75 @@ def test_int4_kernel_form_holds_the_own_tensors_and_matches_the_portable_path(n,
     assert torch.equal(packed.dequantize(), own.dequantize())
 
 
+def test_the_own_int4_kernel_builds_wherever_it_can():
+    """A machine with AVX2 and a compiler (this one, CI) must build it: a failed build is a defect, not a skip."""
+    import shutil
+
+    capable = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    if capable and any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        assert avx2_int4_unavailable() is None
+
+
+@needs_avx2_kernel
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "n, k, group_size",
+    # one 4-row block; rows not a multiple of 4 (a tail of single rows); one group a row; long groups
+    [(4, 64, 32), (37, 128, 64), (96, 256, 128), (64, 512, 256)],
+)
+def test_own_int4_kernel_reads_the_own_tensors_in_place_and_matches_the_portable_path(n, k, group_size, bias):
+    own = own_int4(n, k, group_size, bias)
+    portable = copy.deepcopy(own)
+    model = nn.Sequential(own)
+    tensors = {name: t.clone() for name, t in model.state_dict().items()}
+    assert use_cpu_kernels(model) == 1 and kernel_summary(model) == {"int4_avx2": 1}
+    assert all(torch.equal(t, tensors[name]) for name, t in model.state_dict().items())
+    assert weight_bytes(model) == weight_bytes(nn.Sequential(portable))
+    with torch.inference_mode():
+        for shape in [(1, k), (7, k), (2, 5, k)]:  # prompts and plain batches: the portable path's numbers
+            x = torch.randn(*shape)
+            assert same_fp32(model(x), portable(x))
+        for batch in (1, 3):  # decode steps: the kernel, int16 activations per group
+            x = torch.randn(batch, 1, k)
+            x[0, 0, :group_size] *= 1e3  # one loud group must not drown the others (each has its own scale)
+            y = model(x)
+            assert y.shape == (batch, 1, n) and y.dtype == torch.float32
+            reference = x.double() @ own.dequantize().double().T + (own.bias.double() if bias else 0)
+            assert rel_err(y, reference) < 1e-4
+        with numerics.exact():  # scoring: one position per row is no decode step
+            assert same_fp32(model(x), portable(x))
+
+
+@needs_avx2_kernel
+def test_own_int4_kernel_propagates_nan_and_inf_and_reads_zeros():
+    own = own_int4(8, 128, 64, bias=False)
+    model = nn.Sequential(own)
+    use_cpu_kernels(model)
+    x = torch.zeros(3, 1, 128)
+    x[1, 0, 5] = float("nan")
+    x[2, 0, 70] = float("inf")
+    with torch.inference_mode():
+        y = model(x)
+    assert torch.allclose(y[0], torch.zeros(1, 8))  # an all-zero group has no scale to divide by
+    assert torch.isnan(y[1]).all() and not torch.isfinite(y[2]).any()
+
+
 @pytest.mark.parametrize(
     "n, k, group_size",
     [
         (45, 128, 64),  # rows not a multiple of the kernel's 16
         (64, 160, 64),  # a partial last group
-        (64, 128, 16),  # a group size the kernel does not take
+        (64, 128, 16),  # a group size neither kernel takes
     ],
 )
-def test_layers_the_kernel_cannot_hold_keep_the_portable_path(n, k, group_size):
+def test_layers_the_kernels_cannot_hold_keep_the_portable_path(n, k, group_size):
     own = own_int4(n, k, group_size, bias=False)
     assert Int4PackedCpuLinear.from_own(own) is None
     model = nn.Sequential(own)
     x = torch.randn(2, k)
     with torch.inference_mode():
         ref = model(x)
-        assert use_cpu_kernels(model) == 0
+        assert use_cpu_kernels(model, own_int4_kernel=False) == 0
         assert torch.equal(model(x), ref)
     assert kernel_summary(model) == {"pytorch": 1}
 
@@ -109,8 +168,10 @@ def test_weight_bytes_count_what_the_kernel_form_holds():
     assert held == portable + 2 * scale_bytes
 
 
-@pytest.mark.parametrize("method_name", ["own-int4", "own-int8"])
-def test_method_runs_the_kernels_saves_the_own_format_and_reloads_them(tiny_llama_dir, tmp_path, method_name):
+@pytest.mark.parametrize(
+    "method_name, kernel", [("own-int4", "auto"), ("own-int4", "torch-packed"), ("own-int8", "auto")]
+)
+def test_method_runs_the_kernels_saves_the_own_format_and_reloads_them(tiny_llama_dir, tmp_path, method_name, kernel):
     method = METHODS.get(method_name)
     ids = torch.randint(0, 30522, (2, 11))
 
@@ -118,7 +179,7 @@ def test_method_runs_the_kernels_saves_the_own_format_and_reloads_them(tiny_llam
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
         return method.apply(model, method.config_cls(kernel=kernel))
 
-    fast, portable = quantized("auto"), quantized("pytorch")
+    fast, portable = quantized(kernel), quantized("pytorch")
     fast_kernels = kernel_summary(fast)
     assert kernel_summary(portable) == {"pytorch": 14}
     assert sum(fast_kernels.values()) == 14
@@ -128,7 +189,8 @@ def test_method_runs_the_kernels_saves_the_own_format_and_reloads_them(tiny_llam
     if expected:
         assert fast_kernels == expected
     else:
-        assert fast_kernels.get("int4pack_mm", 0) >= 4 and fast_kernels.get("pytorch", 0) >= 2
+        int4_kernel = INT4_KERNEL if kernel == "auto" else "int4pack_mm"
+        assert fast_kernels.get(int4_kernel, 0) >= 4 and fast_kernels.get("pytorch", 0) >= 2
     with torch.inference_mode():
         assert same_fp32(fast(input_ids=ids).logits, portable(input_ids=ids).logits)
         fast_tokens = fast.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -183,7 +245,7 @@ def test_scores_are_the_portable_paths_in_a_sweep(tmp_path, tiny_llama_dir):
     for task in ("mmlu", "lambada"):
         fast, portable = cells["fast", task], cells["portable", task]
         assert fast.status == portable.status == "ok"
-        assert fast.measurements["linear_kernels"].get("int4pack_mm")
+        assert fast.measurements["linear_kernels"].get(INT4_KERNEL)
         assert portable.measurements["linear_kernels"] == {"pytorch": 14}
         for key, values in fast.per_example.items():
             # The same fp32 arithmetic; MKL may round a last bit differently on a differently aligned weight.
@@ -192,15 +254,16 @@ def test_scores_are_the_portable_paths_in_a_sweep(tmp_path, tiny_llama_dir):
 
 
 def test_decode_steps_compile_in_one_graph():
-    """The kernels are opaque custom ops and the exact-numerics flag a plain global, so a compiled decode step
-    has no graph break (torch.compile cannot trace a ContextVar, and Inductor's lowering of the aten ops asserts a
-    realized bf16 input)."""
+    """The kernels are opaque ops (custom ops; the own kernel a C++ op with a fake) and the exact-numerics flag a
+    plain global, so a compiled decode step has no graph break (torch.compile cannot trace a ContextVar, and
+    Inductor's lowering of the aten ops asserts a realized bf16 input)."""
     torch.manual_seed(0)
     model = nn.Sequential(
         Int4PackedCpuLinear.from_own(own_int4(64, 128, 32, bias=True)),
         Int8WeightLinear.from_linear(nn.Linear(64, 32)),
+        own_int4(16, 32, 32, bias=True),
     )
-    assert use_cpu_kernels(model) == 1
+    assert use_cpu_kernels(model) == 2
     x = torch.randn(2, 1, 128)
     with torch.inference_mode():
         eager = model(x)

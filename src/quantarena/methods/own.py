@@ -47,12 +47,13 @@ OWN_FORMAT_FILE = "quantarena_quant.json"
 # Where a quantized model keeps the kernel choice, so that saving records it and a reload makes the same one.
 KERNEL_ATTR = "quantarena_kernel"
 
-Kernel = Literal["auto", "pytorch"]
+Kernel = Literal["auto", "torch-packed", "pytorch"]
 
 
 class OwnQuantConfig(WeightQuantConfig, CalibrationOptions):
-    # auto: the Triton kernels on CUDA, PyTorch's packed-weight kernels on the CPU, for every layer they fit;
-    # pytorch: the portable dequantize-then-matmul path everywhere (the reference the kernels are tested against).
+    # auto: the Triton kernels on CUDA; on the CPU the own AVX2 int4 kernel and PyTorch's packed-weight kernels,
+    # for every layer they fit; torch-packed: only PyTorch's kernels on the CPU (to compare); pytorch: the
+    # portable dequantize-then-matmul path everywhere (the reference the kernels are tested against).
     kernel: Kernel = "auto"
     # int8: a language model's output head too, as own-int8 (per row), and an input embedding tied to it reads
     # the same codes. The tied float matrix is a small LM's largest (SmolLM2: 113 of own-int4's 180 MB), and
@@ -109,9 +110,9 @@ class OwnInt4Config(OwnQuantConfig):
 
 def use_kernels(model: nn.Module, kernel: Kernel) -> nn.Module:
     setattr(model, KERNEL_ATTR, kernel)
-    if kernel == "auto":
+    if kernel != "pytorch":
         use_triton_kernels(model)
-        use_cpu_kernels(model)
+        use_cpu_kernels(model, own_int4_kernel=kernel == "auto")
     return model
 
 
