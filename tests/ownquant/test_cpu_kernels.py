@@ -77,6 +77,14 @@ def test_the_own_int4_kernel_builds_wherever_it_can():
         assert avx2_int4_unavailable() is None
 
 
+def test_without_the_own_kernel_own_int4_runs_pytorchs(monkeypatch):
+    from quantarena.ownquant import cpu
+
+    monkeypatch.setattr(cpu, "avx2_int4_unavailable", lambda: "needs a C++ compiler to build it (none on PATH)")
+    model = nn.Sequential(own_int4(64, 128, 32, bias=False))
+    assert use_cpu_kernels(model) == 1 and kernel_summary(model) == {"int4pack_mm": 1}
+
+
 @needs_avx2_kernel
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(

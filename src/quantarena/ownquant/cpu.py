@@ -174,11 +174,17 @@ def avx2_int4_unavailable() -> str | None:
         return f"needs AVX2 (this CPU: {torch.backends.cpu.get_cpu_capability()})"
     if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         return "needs a C++ compiler to build it (none on PATH)"
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import is_ninja_available, load
 
+    if not is_ninja_available():
+        return "needs ninja to build it (pip install ninja)"
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: at::parallel_for is inline, per build
-    load("quantarena_int4_avx2", [str(AVX2_INT4_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-         is_python_module=False)  # fmt: skip
+    try:
+        load("quantarena_int4_avx2", [str(AVX2_INT4_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+             is_python_module=False)  # fmt: skip
+    except (RuntimeError, OSError) as error:  # a compiler that cannot build it: the next kernel runs
+        lines = str(error).strip().splitlines()
+        return f"its build failed: {lines[-1] if lines else type(error).__name__}"
 
     @torch.library.register_fake("quantarena_cpu::int4_gemv")
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int):
