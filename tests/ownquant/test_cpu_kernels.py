@@ -17,11 +17,12 @@ from quantarena import numerics
 from quantarena.measure import weight_bytes
 from quantarena.methods import METHODS
 from quantarena.ownquant import Int4WeightLinear, Int8WeightLinear, kernel_summary
-from quantarena.ownquant.cpu import Int4PackedCpuLinear, avx2_int4_unavailable, use_cpu_kernels
+from quantarena.ownquant.cpu import Int4PackedCpuLinear, avx2_kernels_unavailable, use_cpu_kernels
 
-# The int4 kernel an own-int4 CPU model runs where both fit: the own one wherever it builds.
-INT4_KERNEL = "int4pack_mm" if avx2_int4_unavailable() else "int4_avx2"
-needs_avx2_kernel = pytest.mark.skipif(avx2_int4_unavailable() is not None, reason=str(avx2_int4_unavailable()))
+# The kernels own CPU models run where both fit: the own ones wherever they build.
+INT4_KERNEL = "int4pack_mm" if avx2_kernels_unavailable() else "int4_avx2"
+INT8_KERNEL = "int8pack_mm" if avx2_kernels_unavailable() else "int8_avx2"
+needs_avx2_kernel = pytest.mark.skipif(avx2_kernels_unavailable() is not None, reason=str(avx2_kernels_unavailable()))
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -68,21 +69,21 @@ def test_int4_kernel_form_holds_the_own_tensors_and_matches_the_portable_path(n,
     assert torch.equal(packed.dequantize(), own.dequantize())
 
 
-def test_the_own_int4_kernel_builds_wherever_it_can():
+def test_the_own_kernels_build_wherever_they_can():
     """A machine with AVX2 and a compiler (this one, CI) must build it: a failed build is a defect, not a skip."""
     import shutil
 
     capable = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     if capable and any(shutil.which(c) for c in ("c++", "g++", "clang++")):
-        assert avx2_int4_unavailable() is None
+        assert avx2_kernels_unavailable() is None
 
 
-def test_without_the_own_kernel_own_int4_runs_pytorchs(monkeypatch):
+def test_without_the_own_kernels_the_own_formats_run_pytorchs(monkeypatch):
     from quantarena.ownquant import cpu
 
-    monkeypatch.setattr(cpu, "avx2_int4_unavailable", lambda: "needs a C++ compiler to build it (none on PATH)")
-    model = nn.Sequential(own_int4(64, 128, 32, bias=False))
-    assert use_cpu_kernels(model) == 1 and kernel_summary(model) == {"int4pack_mm": 1}
+    monkeypatch.setattr(cpu, "avx2_kernels_unavailable", lambda: "needs a C++ compiler to build it (none on PATH)")
+    model = nn.Sequential(own_int4(64, 128, 32, bias=False), Int8WeightLinear.from_linear(nn.Linear(64, 32)))
+    assert use_cpu_kernels(model) == 2 and kernel_summary(model) == {"int4pack_mm": 1, "int8pack_mm": 1}
 
 
 @needs_avx2_kernel
@@ -144,26 +145,33 @@ def test_layers_the_kernels_cannot_hold_keep_the_portable_path(n, k, group_size)
     x = torch.randn(2, k)
     with torch.inference_mode():
         ref = model(x)
-        assert use_cpu_kernels(model, own_int4_kernel=False) == 0
+        assert use_cpu_kernels(model, own_kernels=False) == 0
         assert torch.equal(model(x), ref)
     assert kernel_summary(model) == {"pytorch": 1}
 
 
-def test_int8_kernel_reads_the_own_tensors_in_place():
+@pytest.mark.parametrize("own_kernels", [True, False])
+def test_int8_kernels_read_the_own_tensors_in_place(own_kernels):
     torch.manual_seed(0)
     model = nn.Sequential(
         Int8WeightLinear.from_linear(nn.Linear(96, 48)),
         nn.ReLU(),
-        Int8WeightLinear.from_linear(nn.Linear(48, 32, bias=False)),
+        Int8WeightLinear.from_linear(nn.Linear(48, 40, bias=False)),
+        Int8WeightLinear.from_linear(nn.Linear(40, 32)),  # 40 inputs: not the own kernel's multiple of 16
     )
-    prompt, step = torch.randn(2, 3, 96), torch.randn(2, 1, 96)
+    kernel = INT8_KERNEL if own_kernels else "int8pack_mm"
+    prompt, step = torch.randn(2, 3, 96), torch.randn(3, 1, 96)
+    step[0, 0, :8] *= 1e3  # one loud block of activations
     with torch.inference_mode():
-        ref_prompt, ref_step = model(prompt), model(step)
+        ref_prompt = model(prompt)
+        first_two = nn.Sequential(*model[:3])
+        ref_step = copy.deepcopy(first_two).double()(step.double())
         tensors = {k: v.clone() for k, v in model.state_dict().items()}
-        assert use_cpu_kernels(model) == 2
+        assert use_cpu_kernels(model, own_kernels) == 3
         assert same_fp32(model(prompt), ref_prompt)
-        assert rel_err(model(step), ref_step) < 1e-2
-    assert kernel_summary(model) == {"int8pack_mm": 2}
+        tolerance = 1e-4 if kernel == "int8_avx2" else 1e-2  # int16 activations per block of 64, or bf16
+        assert rel_err(first_two(step), ref_step) < tolerance
+    assert kernel_summary(model) == {kernel: 2, "int8pack_mm": 1} if kernel == "int8_avx2" else {kernel: 3}
     assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items())
 
 
@@ -177,7 +185,8 @@ def test_weight_bytes_count_what_the_kernel_form_holds():
 
 
 @pytest.mark.parametrize(
-    "method_name, kernel", [("own-int4", "auto"), ("own-int4", "torch-packed"), ("own-int8", "auto")]
+    "method_name, kernel",
+    [("own-int4", "auto"), ("own-int4", "torch-packed"), ("own-int8", "auto"), ("own-int8", "torch-packed")],
 )
 def test_method_runs_the_kernels_saves_the_own_format_and_reloads_them(tiny_llama_dir, tmp_path, method_name, kernel):
     method = METHODS.get(method_name)
@@ -193,7 +202,8 @@ def test_method_runs_the_kernels_saves_the_own_format_and_reloads_them(tiny_llam
     assert sum(fast_kernels.values()) == 14
     # Every layer whose shape the kernel takes on any CPU runs it (the 160-wide down projection has a partial
     # int4 group and stays portable).
-    expected = {"int8pack_mm": 14} if method_name == "own-int8" else None
+    int8_kernel = INT8_KERNEL if kernel == "auto" else "int8pack_mm"
+    expected = {int8_kernel: 14} if method_name == "own-int8" else None
     if expected:
         assert fast_kernels == expected
     else:

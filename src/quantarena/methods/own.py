@@ -51,7 +51,7 @@ Kernel = Literal["auto", "torch-packed", "pytorch"]
 
 
 class OwnQuantConfig(WeightQuantConfig, CalibrationOptions):
-    # auto: the Triton kernels on CUDA; on the CPU the own AVX2 int4 kernel and PyTorch's packed-weight kernels,
+    # auto: the Triton kernels on CUDA; on the CPU the own AVX2 kernels, else PyTorch's packed-weight kernels,
     # for every layer they fit; torch-packed: only PyTorch's kernels on the CPU (to compare); pytorch: the
     # portable dequantize-then-matmul path everywhere (the reference the kernels are tested against).
     kernel: Kernel = "auto"
@@ -112,7 +112,7 @@ def use_kernels(model: nn.Module, kernel: Kernel) -> nn.Module:
     setattr(model, KERNEL_ATTR, kernel)
     if kernel != "pytorch":
         use_triton_kernels(model)
-        use_cpu_kernels(model, own_int4_kernel=kernel == "auto")
+        use_cpu_kernels(model, own_kernels=kernel == "auto")
     return model
 
 

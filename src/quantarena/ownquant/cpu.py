@@ -1,18 +1,20 @@
-"""The own formats on the CPU, through kernels PyTorch ships.
+"""The own formats on the CPU, through the project's own kernels and those PyTorch ships.
 
 Weight-only (own-int8 and own-int4 on the CPU, unless their config says ``kernel="pytorch"``): decode steps (one
-new position per sequence, where every weight byte is read for one token) run PyTorch's packed-weight kernels,
-what gpt-fast and torchao's Int4CPULayout run, with bf16 activations: their fp32 paths are scalar references.
+new position per sequence, where every weight byte is read for one token) run packed-weight kernels: the
+project's own, or PyTorch's (what gpt-fast and torchao's Int4CPULayout run, with bf16 activations: their fp32
+paths are scalar references).
 Every other forward, and every forward of a scoring task (``quantarena.numerics.exact``), dequantizes the same
 codes and multiplies in fp32 as the portable path does, so every scored number is the portable path's (to MKL's
 last-bit rounding, which can depend on where a freshly dequantized weight lies in memory).
 
+* first choice, both formats: the project's AVX2 kernels (``csrc/gemv_avx2.cpp``, built by PyTorch's extension
+  builder on first use and cached), which read the own tensors in place (no other bytes) and multiply in
+  integers, each group of fp32 activations rounded to int16 on its own scale; own int4 reads ~2.5x the int4
+  bytes per second of PyTorch's int4 kernel on this AVX2 CPU (``benchmarks/cpu_decode.py``). Where they cannot
+  run (no AVX2, no C++ compiler or ninja; an int4 group size not a multiple of 32, an input width not a multiple
+  of 16), or with ``kernel="torch-packed"``, PyTorch's:
 * own int8: ``aten._weight_int8pack_mm`` reads the own int8 tensors as they are (per output channel, symmetric).
-* own int4, first choice: the project's AVX2 kernel (``csrc/int4_gemv_avx2.cpp``, built by PyTorch's extension
-  builder on first use and cached), which reads the own ``qweight``, fp16 scales and mins in place (no other
-  bytes) with fp32 activations rounded to int16 per group; measured ~2.5x the int4 throughput of PyTorch's
-  kernel on this AVX2 CPU (``benchmarks/cpu_decode.py``). Where it cannot run (no AVX2, no C++ compiler, a group
-  size not a multiple of 32), or with ``kernel="torch-packed"``:
 * own int4: ``aten._weight_int4pack_mm_for_cpu`` takes the codes in its own packed layout (same bytes as the own
   ``qweight``, which ``state_dict`` gives back, so the checkpoint is an own-int4 one) and a bf16 scale and zero
   point per group (4 bytes a group beyond the own fp16 scale and min, counted in the weight bytes). The layout
@@ -162,13 +164,14 @@ def _int8pack_forward(self: Int8WeightLinear, x: torch.Tensor) -> torch.Tensor:
     return _as_linear(x, y, self.bias, self.out_features)
 
 
-AVX2_INT4_SOURCE = Path(__file__).parent / "csrc" / "int4_gemv_avx2.cpp"
-AVX2_INT4_GROUP_MULTIPLE = 32  # the kernel reads 16 bytes (32 codes) of a group at a time
+AVX2_SOURCE = Path(__file__).parent / "csrc" / "gemv_avx2.cpp"
+AVX2_INT4_GROUP_MULTIPLE = 32  # the int4 kernel reads 16 bytes (32 codes) of a group at a time
+AVX2_INT8_K_MULTIPLE = 16  # the int8 kernel reads 16 codes at a time
 
 
 @functools.cache
-def avx2_int4_unavailable() -> str | None:
-    """Why the own AVX2 int4 kernel cannot run here, or None once it is built and loaded (torch caches the build
+def avx2_kernels_unavailable() -> str | None:
+    """Why the own AVX2 kernels cannot run here, or None once they are built and loaded (torch caches the build
     under ``TORCH_EXTENSIONS_DIR``; it is rebuilt only when the source changes)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"needs AVX2 (this CPU: {torch.backends.cpu.get_cpu_capability()})"
@@ -180,7 +183,7 @@ def avx2_int4_unavailable() -> str | None:
         return "needs ninja to build it (pip install ninja)"
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: at::parallel_for is inline, per build
     try:
-        load("quantarena_int4_avx2", [str(AVX2_INT4_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        load("quantarena_gemv_avx2", [str(AVX2_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
              is_python_module=False)  # fmt: skip
     except (RuntimeError, OSError) as error:  # a compiler that cannot build it: the next kernel runs
         lines = str(error).strip().splitlines()
@@ -190,25 +193,40 @@ def avx2_int4_unavailable() -> str | None:
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
+    @torch.library.register_fake("quantarena_cpu::int8_gemv")
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
     return None
 
 
-def avx2_int4_fits(module: Int4WeightLinear) -> bool:
-    return (
-        module.group_size % AVX2_INT4_GROUP_MULTIPLE == 0
-        and module.in_features % module.group_size == 0
-        and module.qweight.dtype == torch.uint8
-        and module.scales.dtype == module.mins.dtype == torch.float16
-        and avx2_int4_unavailable() is None
-    )
+def avx2_fits(module: WeightOnlyLinear) -> bool:
+    """Whether an own layer's shape and dtypes are the own AVX2 kernels' (and those run here)."""
+    if isinstance(module, Int4WeightLinear):
+        fits = (
+            module.group_size % AVX2_INT4_GROUP_MULTIPLE == 0
+            and module.in_features % module.group_size == 0
+            and module.qweight.dtype == torch.uint8
+            and module.scales.dtype == module.mins.dtype == torch.float16
+        )
+    else:
+        fits = (
+            module.in_features % AVX2_INT8_K_MULTIPLE == 0
+            and module.qweight.dtype == torch.int8
+            and module.scales.dtype == torch.float32
+        )
+    return fits and avx2_kernels_unavailable() is None
 
 
-def _avx2_int4_forward(self: Int4WeightLinear, x: torch.Tensor) -> torch.Tensor:
+def _avx2_forward(self: WeightOnlyLinear, x: torch.Tensor) -> torch.Tensor:
     if not decode_step(x):
         return WeightOnlyLinear.forward(self, x)
-    a = x.reshape(-1, x.shape[-1]).float()
-    y = torch.ops.quantarena_cpu.int4_gemv(a, self.qweight, self.scales, self.mins, self.group_size).to(x.dtype)
-    return _as_linear(x, y, self.bias, self.out_features)
+    a = x.reshape(-1, x.shape[-1]).float().contiguous()
+    if isinstance(self, Int4WeightLinear):
+        y = torch.ops.quantarena_cpu.int4_gemv(a, self.qweight, self.scales, self.mins, self.group_size)
+    else:
+        y = torch.ops.quantarena_cpu.int8_gemv(a, self.qweight, self.scales)
+    return _as_linear(x, y.to(x.dtype), self.bias, self.out_features)
 
 
 def _int4pack_layout(packed: torch.Tensor, block_rows: int) -> torch.Tensor:
@@ -296,12 +314,12 @@ class Int4PackedCpuLinear(KernelFormLinear):
         )
 
 
-def use_cpu_kernels(model: nn.Module, own_int4_kernel: bool = True) -> int:
+def use_cpu_kernels(model: nn.Module, own_kernels: bool = True) -> int:
     """Run the own int8/int4 linears of a CPU model through CPU kernels.
 
-    int8 layers keep their tensors and get PyTorch's int8 kernel as forward; int4 layers get the own AVX2 kernel
-    as forward where it runs (and ``own_int4_kernel``), and are otherwise replaced by PyTorch's kernel form where
-    it holds them exactly. Returns how many layers now run a CPU kernel.
+    Where they run (and ``own_kernels``), the own AVX2 kernels become the layers' forward, reading their tensors
+    in place; otherwise int8 layers get PyTorch's int8 kernel as forward and int4 layers are replaced by PyTorch's
+    int4 kernel form where it holds them exactly. Returns how many layers now run a CPU kernel.
     """
     count = 0
     for name, module in list(model.named_modules()):
@@ -309,14 +327,14 @@ def use_cpu_kernels(model: nn.Module, own_int4_kernel: bool = True) -> int:
             continue
         if module.kernel != WeightOnlyLinear.kernel:  # already on another path
             continue
+        if own_kernels and avx2_fits(module):
+            module.forward = types.MethodType(_avx2_forward, module)
+            module.kernel = "int4_avx2" if isinstance(module, Int4WeightLinear) else "int8_avx2"
+            count += 1
+            continue
         if isinstance(module, Int8WeightLinear):
             module.forward = types.MethodType(_int8pack_forward, module)
             module.kernel = "int8pack_mm"
-            count += 1
-            continue
-        if own_int4_kernel and avx2_int4_fits(module):
-            module.forward = types.MethodType(_avx2_int4_forward, module)
-            module.kernel = "int4_avx2"
             count += 1
             continue
         converted = Int4PackedCpuLinear.from_own(module)
