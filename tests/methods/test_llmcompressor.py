@@ -1,6 +1,7 @@
 """llmcompressor's GPTQ / AWQ / SmoothQuant methods: what each config asks llmcompressor for, the skip without its
-environment, and on SmolLM2 (slow, needs ``scripts/setup_llmcompressor.sh``) GPTQ end to end: the packed bytes by
-hand, perplexity against round-to-nearest, save -> reload, and llmcompressor's own refusal as one line."""
+environment; slow (needs ``scripts/setup_llmcompressor.sh``): on SmolLM2 GPTQ end to end (the packed bytes by hand,
+perplexity against round-to-nearest, save -> reload) and llmcompressor's own refusal as one line; on a tiny Llama
+asymmetric checkpoints' zero points, and AWQ's and SmoothQuant's stored bytes and save -> reload."""
 
 from __future__ import annotations
 
