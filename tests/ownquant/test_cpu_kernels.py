@@ -117,6 +117,22 @@ def test_own_int4_kernel_reads_the_own_tensors_in_place_and_matches_the_portable
 
 
 @needs_avx2_kernel
+@pytest.mark.parametrize("n, k, group_size", [(4, 64, 32), (37, 128, 64), (96, 256, 128), (64, 512, 256)])
+def test_own_dequantize_is_the_portable_paths_bit_for_bit(n, k, group_size):
+    """Prompts and scoring multiply these weights: any difference would change scores."""
+    own = own_int4(n, k, group_size, bias=False)
+    own.scales.mul_(torch.rand_like(own.scales.float()).half() * 7)  # scales and mins other than one init's
+    own.mins.sub_(torch.rand_like(own.mins.float()).half())
+    out = torch.full((n, k), float("nan"))
+    torch.ops.quantarena_cpu.int4_dequantize(own.qweight, own.scales, own.mins, group_size, out)
+    assert torch.equal(out, own.dequantize())
+    int8 = Int8WeightLinear.from_linear(nn.Linear(k, n))
+    out = torch.full((n, k), float("nan"))
+    torch.ops.quantarena_cpu.int8_dequantize(int8.qweight, int8.scales, out)
+    assert torch.equal(out, int8.dequantize())
+
+
+@needs_avx2_kernel
 def test_own_int4_kernel_propagates_nan_and_inf_and_reads_zeros():
     own = own_int4(8, 128, 64, bias=False)
     model = nn.Sequential(own)

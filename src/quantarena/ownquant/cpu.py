@@ -6,7 +6,9 @@ project's own, or PyTorch's (what gpt-fast and torchao's Int4CPULayout run, with
 paths are scalar references).
 Every other forward, and every forward of a scoring task (``quantarena.numerics.exact``), dequantizes the same
 codes and multiplies in fp32 as the portable path does, so every scored number is the portable path's (to MKL's
-last-bit rounding, which can depend on where a freshly dequantized weight lies in memory).
+last-bit rounding, which can depend on where a freshly dequantized weight lies in memory); with the own kernels
+the weights are written by their C++ dequantize (bit for bit the portable path's) into one reused buffer, which
+spares a prompt the portable path's allocation of every layer's float weight.
 
 * first choice, both formats: the project's AVX2 kernels (``csrc/gemv_avx2.cpp``, built by PyTorch's extension
   builder on first use and cached), which read the own tensors in place (no other bytes) and multiply in
@@ -37,11 +39,13 @@ from __future__ import annotations
 
 import functools
 import shutil
+import threading
 import types
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quantarena import numerics
@@ -181,7 +185,8 @@ def avx2_kernels_unavailable() -> str | None:
 
     if not is_ninja_available():
         return "needs ninja to build it (pip install ninja)"
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]  # OpenMP: at::parallel_for is inline, per build
+    # OpenMP: at::parallel_for is inline, per build; no contraction: dequantize rounds twice, as the portable path.
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
     try:
         load("quantarena_gemv_avx2", [str(AVX2_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
              is_python_module=False)  # fmt: skip
@@ -196,6 +201,14 @@ def avx2_kernels_unavailable() -> str | None:
     @torch.library.register_fake("quantarena_cpu::int8_gemv")
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("quantarena_cpu::int4_dequantize")
+    def _(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int, out: torch.Tensor):
+        return None
+
+    @torch.library.register_fake("quantarena_cpu::int8_dequantize")
+    def _(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor):
+        return None
 
     return None
 
@@ -218,9 +231,35 @@ def avx2_fits(module: WeightOnlyLinear) -> bool:
     return fits and avx2_kernels_unavailable() is None
 
 
+_SCRATCH = threading.local()
+
+
+def _weight_buffer(rows: int, columns: int) -> torch.Tensor:
+    """One reused fp32 buffer (per thread) for the layer being multiplied: a fresh buffer for every layer of every
+    forward is SmolLM2's 430 MB of page faults per prompt."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < rows * columns:
+        buffer = _SCRATCH.buffer = torch.empty(rows * columns)
+    return buffer[: rows * columns].view(rows, columns)
+
+
+def _dequantized_forward(self: WeightOnlyLinear, x: torch.Tensor) -> torch.Tensor:
+    """Prompts and scoring: the portable path's fp32 weights, bit for bit, written by the own kernel into a reused
+    buffer, then fp32 ``F.linear`` as on the portable path."""
+    if torch.is_grad_enabled() and x.requires_grad:  # autograd keeps the weight: it must not be overwritten
+        return WeightOnlyLinear.forward(self, x)
+    weight = _weight_buffer(self.out_features, self.in_features)
+    if isinstance(self, Int4WeightLinear):
+        torch.ops.quantarena_cpu.int4_dequantize(self.qweight, self.scales, self.mins, self.group_size, weight)
+    else:
+        torch.ops.quantarena_cpu.int8_dequantize(self.qweight, self.scales, weight)
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return F.linear(x, weight.to(x.dtype), bias)
+
+
 def _avx2_forward(self: WeightOnlyLinear, x: torch.Tensor) -> torch.Tensor:
     if not decode_step(x):
-        return WeightOnlyLinear.forward(self, x)
+        return _dequantized_forward(self, x)
     a = x.reshape(-1, x.shape[-1]).float().contiguous()
     if isinstance(self, Int4WeightLinear):
         y = torch.ops.quantarena_cpu.int4_gemv(a, self.qweight, self.scales, self.mins, self.group_size)
