@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from importlib import metadata
 
 import torch
@@ -25,6 +26,11 @@ PACKAGES = (
     "peft",
     "triton",
 )
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler on PATH that Inductor's and torch's extension builds call (``c++``, else ``g++``), or None."""
+    return shutil.which("c++") or shutil.which("g++")
 
 
 def _cpu_name() -> str:

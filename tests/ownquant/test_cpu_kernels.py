@@ -71,10 +71,9 @@ def test_int4_kernel_form_holds_the_own_tensors_and_matches_the_portable_path(n,
 
 def test_the_own_kernels_build_wherever_they_can():
     """A machine with AVX2 and a compiler (this one, CI) must build it: a failed build is a defect, not a skip."""
-    import shutil
+    from quantarena.environment import cxx_compiler
 
-    capable = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    if capable and any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and cxx_compiler():
         assert avx2_kernels_unavailable() is None
 
 

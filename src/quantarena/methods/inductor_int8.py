@@ -18,7 +18,6 @@ Loading a program unpickles it, so sweeps keep no cached copy (the variant is qu
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from pydantic import PositiveInt
 from torch import nn
 
+from quantarena.environment import cxx_compiler
 from quantarena.errors import ModelError
 from quantarena.methods.base import (
     BACKENDS_EXTRA,
@@ -136,7 +136,7 @@ def check_classifier(model: nn.Module, config: InductorInt8Config) -> nn.Module:
     names = [*(getattr(getattr(model, "config", None), "architectures", None) or []), type(model).__name__]
     if not any(name.endswith("ForSequenceClassification") for name in names):
         raise ModelError(f"inductor-int8 quantizes sequence classifiers only; this model is a {type(model).__name__}")
-    if shutil.which("g++") is None and shutil.which("c++") is None:
+    if cxx_compiler() is None:
         raise ModelError("inductor-int8 needs a C++ compiler (g++) for Inductor's CPU kernels")
     return model
 

@@ -38,7 +38,6 @@ The packed weight is the only copy held; ``state_dict`` unpacks it to the own in
 from __future__ import annotations
 
 import functools
-import shutil
 import threading
 import types
 import warnings
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantarena import numerics
+from quantarena.environment import cxx_compiler
 from quantarena.ownquant.formats import (
     Int4WeightLinear,
     Int8WeightLinear,
@@ -179,7 +179,7 @@ def avx2_kernels_unavailable() -> str | None:
     under ``TORCH_EXTENSIONS_DIR``; it is rebuilt only when the source changes)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"needs AVX2 (this CPU: {torch.backends.cpu.get_cpu_capability()})"
-    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+    if cxx_compiler() is None:
         return "needs a C++ compiler to build it (none on PATH)"
     from torch.utils.cpp_extension import is_ninja_available, load
 

@@ -184,8 +184,10 @@ void int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const 
                      at::Tensor& out) {
   const int64_t N = out.size(0), K = out.size(1), G = group_size, groups = K / G;
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && qweight.size(0) == N &&
-                  qweight.size(1) == K / 2 && G % 32 == 0 && K % G == 0 && scales.numel() == N * groups,
+                  qweight.size(1) == K / 2 && G % 32 == 0 && K % G == 0 && scales.numel() == N * groups &&
+                  mins.numel() == N * groups,
               "out (N, K) float32, K a multiple of the group, the group of 32");
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && mins.is_contiguous(), "contiguous tensors");
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   const at::Half *sc = scales.data_ptr<at::Half>(), *mn = mins.data_ptr<at::Half>();
   float* w = out.data_ptr<float>();
@@ -215,6 +217,7 @@ void int8_dequantize(const at::Tensor& qweight, const at::Tensor& scales, at::Te
   const int64_t N = out.size(0), K = out.size(1);
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && qweight.size(0) == N &&
                   qweight.size(1) == K && scales.numel() == N, "out (N, K) float32");
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous(), "contiguous tensors");
   const int8_t* q = qweight.data_ptr<int8_t>();
   const float* sc = scales.data_ptr<float>();
   float* w = out.data_ptr<float>();
