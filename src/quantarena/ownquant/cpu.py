@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantarena import numerics
-from quantarena.environment import cxx_compiler
+from quantarena.extensions import build_avx2_extension
 from quantarena.ownquant.formats import (
     Int4WeightLinear,
     Int8WeightLinear,
@@ -177,22 +177,9 @@ AVX2_INT8_K_MULTIPLE = 16  # the int8 kernel reads 16 codes at a time
 def avx2_kernels_unavailable() -> str | None:
     """Why the own AVX2 kernels cannot run here, or None once they are built and loaded (torch caches the build
     under ``TORCH_EXTENSIONS_DIR``; it is rebuilt only when the source changes)."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return f"needs AVX2 (this CPU: {torch.backends.cpu.get_cpu_capability()})"
-    if cxx_compiler() is None:
-        return "needs a C++ compiler to build it (none on PATH)"
-    from torch.utils.cpp_extension import is_ninja_available, load
-
-    if not is_ninja_available():
-        return "needs ninja to build it (pip install ninja)"
-    # OpenMP: at::parallel_for is inline, per build; no contraction: dequantize rounds twice, as the portable path.
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
-    try:
-        load("quantarena_gemv_avx2", [str(AVX2_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-             is_python_module=False)  # fmt: skip
-    except (RuntimeError, OSError) as error:  # a compiler that cannot build it: the next kernel runs
-        lines = str(error).strip().splitlines()
-        return f"its build failed: {lines[-1] if lines else type(error).__name__}"
+    unavailable = build_avx2_extension("quantarena_gemv_avx2", AVX2_SOURCE)
+    if unavailable:
+        return unavailable
 
     @torch.library.register_fake("quantarena_cpu::int4_gemv")
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int):

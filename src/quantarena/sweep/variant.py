@@ -23,6 +23,7 @@ import torch
 from quantarena import measure, models
 from quantarena.config import reference_choice
 from quantarena.errors import QuantarenaError, first_line
+from quantarena.halfgemm import use_half_gemm
 from quantarena.methods import METHODS, quantize_with_calibration
 from quantarena.methods.base import coverage, linear_layers, nothing_quantized
 from quantarena.ownquant import kernel_summary
@@ -104,7 +105,17 @@ RECORDED = ("quantize_s", "disk_bytes", "save_s", "quantized_layers", "linear_la
 
 
 def prepare(variant: Variant, cache_dir: Path | None, rebuild: bool, scratch_dir: Path) -> Prepared:
-    """The variant in memory, from the cache where it round-trips, with its size and preparation figures."""
+    """The variant in memory, from the cache where it round-trips, with its size and preparation figures; its
+    half-precision Linear layers multiply with PyTorch's numbers through the faster exact half GEMM where PyTorch's
+    own is its slow fallback (``quantarena.halfgemm``), whatever the method."""
+    prepared = _prepare(variant, cache_dir, rebuild, scratch_dir)
+    half_gemm_layers = use_half_gemm(prepared.model)
+    if half_gemm_layers:
+        prepared.measurements["half_gemm_layers"] = half_gemm_layers
+    return prepared
+
+
+def _prepare(variant: Variant, cache_dir: Path | None, rebuild: bool, scratch_dir: Path) -> Prepared:
     method = METHODS.get(variant.method.name)
     cache = VariantCache(cache_dir) if cache_dir is not None else None
     keeps_checkpoint = cache is not None and method.reloader is not None and method.cache_checkpoint
