@@ -12,6 +12,9 @@ largest per-request log-likelihood difference (float32 summation order).
 
 MMLU is 0-shot unless ``--mmlu-shots`` says otherwise (both harnesses then prepend the subject's first dev
 examples, so every question of a subject shares that prefix).
+
+Each row also counts both sides' matmul FLOPs (positions forwarded, logits taken) and the ceiling: the speedup
+if quantarena forwarded no padding at its measured FLOP rate.
 """
 
 from __future__ import annotations
@@ -45,6 +48,34 @@ def harness_task(name: str, data, data_dir: Path, limit: int) -> dict[str, harne
             s, [r for r in test if r["subject"] == s][:limit], [r for r in dev if r["subject"] == s]
         )
         for s in MMLU_SUBJECTS
+    }
+
+
+def linear_params(model: torch.nn.Module) -> tuple[int, int]:
+    """Weights of the Linear layers a token passes through (the body), and of the output head."""
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return body, head.weight.numel()
+
+
+def flop_accounting(model: torch.nn.Module, ours: dict, ours_s: float, theirs_tokens: int, their_s: float) -> dict:
+    """Matmul FLOPs of both sides (2 per weight per position; attention, ~9% of the time in a profile, left out):
+    every position forwarded passes the body, and the head runs where logits are taken (lm-eval: every position;
+    quantarena: the scored ones). The ceiling: quantarena with no padding, at its own measured FLOP rate."""
+    body, head = linear_params(model)
+    forwarded, padding, scored = ours["n_tokens_forwarded"], ours["n_padding_tokens"], ours["n_scored_tokens"]
+    ours_flops = 2 * body * forwarded + 2 * head * scored
+    real_flops = 2 * body * (forwarded - padding) + 2 * head * scored
+    their_flops = 2 * (body + head) * theirs_tokens
+    return {
+        "ours_padding_tokens": padding,
+        "ours_scored_tokens": scored,
+        "lm_eval_tokens_forwarded": theirs_tokens,
+        "ours_gflop": ours_flops / 1e9,
+        "lm_eval_gflop": their_flops / 1e9,
+        "ours_gflop_per_s": ours_flops / ours_s / 1e9,
+        "lm_eval_gflop_per_s": their_flops / their_s / 1e9,
+        "ceiling_speedup_without_padding": their_s / (ours_s * real_flops / ours_flops),
     }
 
 
@@ -96,6 +127,7 @@ def bench(
         "identical_acc": ours.metrics["acc"] == their_acc and ours.metrics["acc_norm"] == their_norm,
         "max_abs_loglik_diff": max(abs(a - b) for a, b in zip(mine, their_logliks, strict=True)),
         "max_rel_loglik_diff": max(abs(a - b) / abs(b) for a, b in zip(mine, their_logliks, strict=True)),
+        **flop_accounting(ctx.model, ours.metrics, ours_s, theirs.tokens_forwarded, their_s),
     }
 
 

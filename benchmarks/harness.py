@@ -70,6 +70,20 @@ class HarnessRun:
     responses: dict[str, list[list[tuple[float, bool]]]]  # task -> per document, per request: (loglik, greedy)
     # Inside the model's loglikelihood calls only (tokenization and scoring), not lm-eval's task building.
     scoring_s: float
+    tokens_forwarded: int  # input positions of its model calls, padding included; it takes logits at every one
+
+
+def _counted_calls(lm: Any) -> list[int]:
+    """Input positions of every model call (HFLM's ``_model_call``), padding included."""
+    counted: list[int] = []
+    call = lm._model_call
+
+    def wrapper(inps, *args, **kwargs):
+        counted.append(inps.numel())
+        return call(inps, *args, **kwargs)
+
+    lm._model_call = wrapper
+    return counted
 
 
 def _timed_methods(lm: Any, names: tuple[str, ...]) -> list[float]:
@@ -106,6 +120,7 @@ def run(
     lm = HFLM(pretrained=str(model_dir), batch_size=batch_size, device=device, dtype="float32", **extra)
     configs = [task_config(name, t) for name, t in tasks.items()]
     spent = _timed_methods(lm, ("loglikelihood", "loglikelihood_rolling"))
+    counted = _counted_calls(lm)
     out = simple_evaluate(
         model=lm,
         tasks=configs,
@@ -118,4 +133,4 @@ def run(
         name: [[tuple(r[0]) if isinstance(r[0], (list, tuple)) else (r[0], False) for r in s["resps"]] for s in samples]
         for name, samples in ((n, sorted(out["samples"][n], key=lambda s: s["doc_id"])) for n in tasks)
     }
-    return HarnessRun({n: out["results"][n] for n in tasks}, responses, sum(spent))
+    return HarnessRun({n: out["results"][n] for n in tasks}, responses, sum(spent), sum(counted))

@@ -9,8 +9,8 @@ logits. Requests sharing a context (the choices of a multiple-choice item) becom
 followed by each continuation minus its last token, every continuation attending to the context and
 causally to itself (a block mask; position ids restart after the context), so the context's last
 position scores every continuation's first token. Units are sorted by length; a forward takes up to
-``batch_size`` rows as wide as its longest unit, and shorter units share a row (first fit), isolated by
-the same mask, so attention never spans more than that width.
+``batch_size`` rows as wide as its longest unit (or up to twice that, where wider rows pad less), and shorter
+units share a row, isolated by the same mask.
 
 Contexts that begin with the same prefix (the description and examples of few-shot prompts) compute it
 once: sorted, neighbouring contexts that share at least ``SHARED_PREFIX`` tokens form a run, cut at its
@@ -24,6 +24,7 @@ mask, position ids and a transformers ``Cache`` (transformers' do).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ ROW_TOKENS = 2048
 # Contexts sharing a prefix this long compute it once (0-shot MMLU's one-line subject description, ~15 tokens,
 # is worth sharing: 1.25x -> 1.4-1.5x lm-eval); shorter ones would cost a forward of their own for little.
 SHARED_PREFIX = 8
+# Row widths a forward tries, as multiples of its longest unit.
+WIDENINGS = (1.0, 1.25, 1.5, 1.75, 2.0)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Scored:
     scores: list[Score]
     n_forwards: int  # model calls: each reads every weight once
     n_tokens_forwarded: int  # input positions computed, padding included
+    n_padding_tokens: int  # of those, padding
+    n_scored_tokens: int  # positions whose logits were taken: one per continuation token
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -136,22 +141,41 @@ def _units(requests: list[Request]) -> list[_Unit]:
     return sorted(units, key=lambda u: -u.length)
 
 
+def _fill(rest: list[_Unit], width: int, batch_size: int) -> tuple[list[list[_Unit]], list[_Unit]]:
+    """One forward's rows of ``width`` tokens, and the units left: each row opens with the longest unit left and
+    its gap takes the longest that fit, until ``batch_size`` rows (or ROW_TOKENS padded tokens)."""
+    left = list(rest)  # longest first
+    negated = [-u.length for u in left]  # ascending, for bisect
+    rows: list[list[_Unit]] = []
+    while left and (not rows or (len(rows) < batch_size and (len(rows) + 1) * width <= ROW_TOKENS)):
+        row = [left.pop(0)]
+        negated.pop(0)
+        gap = width - row[0].length
+        while (i := bisect.bisect_left(negated, -gap)) < len(left):
+            gap -= left[i].length
+            row.append(left.pop(i))
+            negated.pop(i)
+        rows.append(row)
+    return rows, left
+
+
 def _packs(units: list[_Unit], batch_size: int) -> list[list[list[_Unit]]]:
-    """Forwards of up to ``batch_size`` rows (and ROW_TOKENS padded tokens), each row as wide as the
-    forward's longest unit and filled first-fit with the shorter ones that follow (longest first)."""
-    forwards: list[list[list[_Unit]]] = []
-    for unit in units:
-        rows = forwards[-1] if forwards else None
-        if rows:
-            width = rows[0][0].length
-            free = next((r for r in rows if sum(u.length for u in r) + unit.length <= width), None)
-            if free is not None:
-                free.append(unit)
-                continue
-            if len(rows) < batch_size and (len(rows) + 1) * width <= ROW_TOKENS:
-                rows.append([unit])
-                continue
-        forwards.append([[unit]])
+    """Forwards of up to ``batch_size`` rows (and ROW_TOKENS padded tokens), filled as ``_fill`` does. A forward's
+    rows are as wide as its longest unit or up to twice that, whichever wastes the least of the forward on
+    padding: a wider row holds two shorter units where the narrowest would pad each (MMLU 0-shot: 25% of the
+    positions were padding), and attention, the only cost that grows with width, is a small share at these
+    widths (a 2048-token row's attention costs SmolLM2 a third of its matmuls)."""
+    forwards, rest = [], units
+    while rest:
+        best = None
+        for widening in WIDENINGS:
+            rows, left = _fill(rest, int(rest[0].length * widening), batch_size)
+            tokens = [sum(u.length for u in row) for row in rows]
+            filled = sum(tokens) / (len(rows) * max(tokens))  # the forward is as wide as its fullest row
+            if best is None or filled > best[0]:
+                best = (filled, rows, left)
+        forwards.append(best[1])
+        rest = best[2]
     return forwards
 
 
@@ -169,7 +193,7 @@ class _Model:
         self.keeps_logits = accepts_logits_to_keep(model)
         self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.dtype = getattr(model, "dtype", torch.float32)
-        self.n_forwards = self.n_tokens = 0
+        self.n_forwards = self.n_tokens = self.n_padding = self.n_scored = 0
 
     def _forward(self, ids: torch.Tensor, keep: torch.Tensor, **inputs):
         """One model call: its logits (at positions ``keep`` only, where the model can), and its cache."""
@@ -316,7 +340,7 @@ def score(
                 done += sum(len(u.requests) for row in pack for u in row)
                 if progress:
                     progress(done, len(fitted))
-    return Scored(scores, runner.n_forwards, runner.n_tokens)  # type: ignore[arg-type]
+    return Scored(scores, runner.n_forwards, runner.n_tokens, runner.n_padding, runner.n_scored)  # type: ignore[arg-type]
 
 
 def _causal(n: int) -> torch.Tensor:
@@ -329,7 +353,7 @@ def _score_pack(
     """One forward. In a row, each unit's context attends causally to itself, each continuation to its
     context and causally to itself; nothing attends across units or continuations, or to padding. With a
     ``prefix`` (the part of every unit's context it holds), every real position also attends to all of it."""
-    width = rows[0][0].length
+    width = max(sum(u.length for u in row) for row in rows)
     offset = prefix.length if prefix else 0
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     positions = torch.zeros(len(rows), width, dtype=torch.long)
@@ -366,6 +390,8 @@ def _score_pack(
     inputs = (ids.to(dev), (positions + offset).to(dev), allowed.to(dev), keep.to(dev), (row_of, position))
     scored = _log_softmax(runner.logits(*inputs, prefix))
     targets = torch.tensor([t for i in order for t in requests[i].continuation], device=dev)
+    runner.n_padding += len(rows) * width - sum(used)
+    runner.n_scored += len(targets)
     picked = scored[torch.arange(len(targets), device=dev), targets].tolist()
     hits = (scored.argmax(-1) == targets).tolist()
     out, at = {}, 0

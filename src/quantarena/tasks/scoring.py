@@ -32,6 +32,8 @@ class Timed:
             "ms_per_example": self.seconds / n_examples * 1000,
             "n_forwards": self.scored.n_forwards,
             "n_tokens_forwarded": self.scored.n_tokens_forwarded,
+            "n_padding_tokens": self.scored.n_padding_tokens,
+            "n_scored_tokens": self.scored.n_scored_tokens,
         }
 
 
