@@ -92,3 +92,19 @@ def test_without_the_kernel_pytorchs_product_runs(monkeypatch):
     layer.__class__ = HalfLinear  # a layer taken before: it falls back rather than calling a missing op
     x = torch.randn(16, 64).bfloat16()
     assert identical(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_kernel
+def test_a_taken_layer_moved_cast_or_trained_runs_pytorchs_product():
+    layer = nn.Linear(64, 8).bfloat16()
+    layer.__class__ = HalfLinear
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        assert torch.equal(layer.float()(x), F.linear(x, layer.weight, layer.bias))  # fp32 now: MKL's, no error
+    layer = layer.bfloat16()
+    xb = x.bfloat16().requires_grad_()
+    y = layer(xb)  # grad mode, trainable weights: the op has no backward, so PyTorch's product
+    y.sum().backward()
+    assert xb.grad is not None and layer.weight.grad is not None
+    with torch.no_grad():
+        assert identical(layer(xb), y)

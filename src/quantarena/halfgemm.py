@@ -73,17 +73,30 @@ class HalfLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features if self.in_features else 0
-        if x.device.type != "cpu" or x.dtype != self.weight.dtype or rows < MIN_ROWS or kernel_unavailable():
+        if rows < MIN_ROWS or not self._takes(x):
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.quantarena_half.linear(x.reshape(rows, self.in_features).contiguous(), self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _takes(self, x: torch.Tensor) -> bool:
+        """Whether this call is one the kernel computes as PyTorch would: the layer may have been moved, cast or
+        made trainable since it was taken (the op has no backward)."""
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return (
+            not wants_grad
+            and fits(self, taken=True)
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype
+            and kernel_unavailable() is None
+        )
 
-def fits(module: nn.Module) -> bool:
-    """An nn.Linear whose product PyTorch runs through its slow half fallback here, of a shape the kernel takes."""
+
+def fits(module: nn.Module, taken: bool = False) -> bool:
+    """An nn.Linear (``taken``: a HalfLinear) whose product PyTorch runs through its slow half fallback here, of a
+    shape the kernel takes."""
     weight = getattr(module, "weight", None)
     return (
-        type(module) is nn.Linear
+        type(module) is (HalfLinear if taken else nn.Linear)
         and weight is not None
         and weight.device.type == "cpu"
         and weight.dtype in HALF_DTYPES
