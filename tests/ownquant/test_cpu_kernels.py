@@ -50,6 +50,9 @@ def own_int4(n: int, k: int, group_size: int, bias: bool, seed: int = 0) -> Int4
 def test_int4_kernel_form_holds_the_own_tensors_and_matches_the_portable_path(n, k, group_size, bias):
     own = own_int4(n, k, group_size, bias)
     packed = Int4PackedCpuLinear.from_own(own)
+    if n % (64 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 32):
+        assert packed is None  # a partial row block of the kernel's layout: the layer stays as it is
+        return
     assert packed is not None
     back = packed.own_tensors()
     assert torch.equal(back["qweight"], own.qweight)
