@@ -202,7 +202,7 @@ def main() -> None:
                 decode_ms[label].append(timed["decode_ms_per_token"])
                 for n in args.prompt:
                     prefill[label][n].append(timed["prefill_ms"][str(n)])
-                llamacpp_builds[label] = {k: timed[k] for k in ("threads", "build_commit")}
+                llamacpp_builds[label] = {k: timed[k] for k in ("threads", "build_commit", "repacked")}
                 continue
             model = variants[label]
             for n in args.prompt:

@@ -22,7 +22,9 @@ TOOLS = ("llama-quantize", "llama-imatrix", "llama-bench")
 
 
 class LlamaCppError(QuantarenaError):
-    pass
+    def __init__(self, message: str, returncode: int | None = None):
+        super().__init__(message)
+        self.returncode = returncode  # negative: killed by that signal
 
 
 def root() -> Path:
@@ -64,7 +66,8 @@ def _run(what: str, args: list[str | Path]) -> str:
     done = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         said = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-        raise LlamaCppError(f"{what} failed (exit {done.returncode}): {said[-1] if said else 'no output'}")
+        message = f"{what} failed (exit {done.returncode}): {said[-1] if said else 'no output'}"
+        raise LlamaCppError(message, done.returncode)
     return done.stdout
 
 
@@ -90,9 +93,21 @@ def quantize(model: Path, out: Path, file_type: str, importance: Path | None = N
 
 def bench(model: Path, prompts: list[int], new_tokens: int, depth: int, repeats: int = 1) -> dict[str, Any]:
     """llama.cpp's own runtime on this CPU (``llama-bench``, all threads): prefill ms of each prompt length from an
-    empty context, and batch-1 decode ms/token of ``new_tokens`` after ``depth`` tokens; medians of ``repeats``."""
+    empty context, and batch-1 decode ms/token of ``new_tokens`` after ``depth`` tokens; medians of ``repeats``.
+
+    Weights are repacked for the CPU's kernels as llama.cpp does by default; where that crashes (its AMX kernels
+    segfault on prompts on some Xeons, llama.cpp issue 20824), the file is timed unrepacked and the result says so.
+    """
     args = [tool("llama-bench"), "-m", model, "-p", ",".join(map(str, prompts)), "-n", new_tokens]
-    records = json.loads(_run("llama-bench", [*args, "-d", f"0,{depth}", "-r", repeats, "-t", threads(), "-o", "json"]))
+    args += ["-d", f"0,{depth}", "-r", repeats, "-t", threads(), "-o", "json"]
+    repacked: bool | str = True
+    try:
+        records = json.loads(_run("llama-bench", args))
+    except LlamaCppError as crash:
+        if crash.returncode is None or crash.returncode >= 0:
+            raise
+        records = json.loads(_run("llama-bench", [*args, "--repack", 0]))
+        repacked = f"no: with repacking, {crash}"
 
     def median_ms(record: dict[str, Any]) -> float:
         return statistics.median(record["samples_ns"]) / 1e6
@@ -104,4 +119,5 @@ def bench(model: Path, prompts: list[int], new_tokens: int, depth: int, repeats:
         "decode_ms_per_token": decode,
         "threads": records[0]["n_threads"],
         "build_commit": records[0]["build_commit"],
+        "repacked": repacked,
     }

@@ -5,6 +5,7 @@ build) the k-quant methods end to end: bytes as the file's, perplexity bounds, s
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import numpy as np
@@ -193,3 +194,41 @@ def test_bad_calibration_data_fails_before_any_conversion(tiny_llama_dir, data_d
     config = method.config_cls(calibration_dataset=str(tmp_path / "missing.jsonl"))
     with pytest.raises(DataError, match=r"missing\.jsonl"):
         quantize_with_calibration(method, config, model, tokenizer, data_dir, torch.device("cpu"))
+
+
+def _bench_records(prompt: int, new_tokens: int, depth: int) -> str:
+    record = {"n_threads": 2, "build_commit": "x", "samples_ns": [2e6]}
+    return json.dumps(
+        [
+            record | {"n_prompt": prompt, "n_gen": 0, "n_depth": 0},
+            record | {"n_prompt": 0, "n_gen": new_tokens, "n_depth": depth},
+        ]
+    )
+
+
+def test_llama_bench_retries_unrepacked_after_a_crash_and_says_so(monkeypatch):
+    """llama.cpp's AMX kernels segfault on prompts on some Xeons (its issue 20824): the file is timed without
+    weight repacking, and the row says so; an ordinary failure is still an error."""
+    calls = []
+
+    def crashing(what, args):
+        calls.append([str(a) for a in args])
+        if "--repack" not in calls[-1]:
+            raise llamacpp.LlamaCppError("llama-bench failed (exit -11): no output", -11)
+        return _bench_records(16, 4, 8)
+
+    monkeypatch.setattr(llamacpp, "_run", crashing)
+    timed = llamacpp.bench("m.gguf", [16], 4, 8)
+    assert calls[-1][-2:] == ["--repack", "0"] and len(calls) == 2
+    assert timed["repacked"].startswith("no: with repacking, llama-bench failed (exit -11)")
+    assert timed["prefill_ms"] == {"16": 2.0} and timed["decode_ms_per_token"] == 0.5
+
+    monkeypatch.setattr(llamacpp, "_run", lambda what, args: _bench_records(16, 4, 8))
+    assert llamacpp.bench("m.gguf", [16], 4, 8)["repacked"] is True
+
+    def failing(what, args):
+        raise llamacpp.LlamaCppError("llama-bench failed (exit 1): no such file", 1)
+
+    monkeypatch.setattr(llamacpp, "_run", failing)
+    with pytest.raises(llamacpp.LlamaCppError, match="exit 1"):
+        llamacpp.bench("m.gguf", [16], 4, 8)
