@@ -10,6 +10,10 @@ head) over the measured copy bandwidth. Quality check: each variant's greedy tok
 step's logits' relative distance, against the portable path of the same format and, for an int8 head, against
 the same variant with a float head.
 
+Two rows take fp32 apart: "fp32 (own fp32 GEMV)" runs every linear through the own threaded fp32 GEMV that the
+own formats run their float head with (what that kernel is worth on its own), and "no matmuls (eager overhead)"
+has every linear return zeros at once: what a step costs outside the linears, under every variant.
+
 ``--compiled`` times the listed variants a second time in the fast loop of ``benchmarks/decode_loop.py`` (a
 static KV cache and one ``torch.compile``d step per token, gpt-fast style; compiled before timing): transformers'
 eager forward spends most of a SmolLM2 decode step outside the matmuls, which hides what the weights cost. Those
@@ -34,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -47,11 +52,14 @@ from quantarena.methods import METHODS
 from quantarena.methods.calibration import Calibration
 from quantarena.methods.llamacpp import LlamaCppConfig, calibration_text, importance_matrix
 from quantarena.ownquant import kernel_summary
+from quantarena.ownquant.cpu import float_kernel_summary, use_float_gemv
 
 # label -> method and options; "(portable)" runs the own format's dequantize-then-matmul reference path,
 # "(torch-packed)" PyTorch's packed-weight kernels instead of the own AVX2 ones.
 VARIANTS = {
     "fp32": {"name": "fp32"},
+    "fp32 (own fp32 GEMV)": {"name": "fp32"},
+    "no matmuls (eager overhead)": {"name": "fp32"},
     "own-int8": {"name": "own-int8"},
     "own-int8 (portable)": {"name": "own-int8", "kernel": "pytorch"},
     "own-int8 (torch-packed)": {"name": "own-int8", "kernel": "torch-packed"},
@@ -66,22 +74,51 @@ VARIANTS = {
     "torchao-intx4": {"name": "torchao-intx4"},
 }
 PORTABLE_OF = {
+    "fp32 (own fp32 GEMV)": "fp32",
     "own-int8": "own-int8 (portable)",
     "own-int4": "own-int4 (portable)",
     "own-int4 (torch-packed)": "own-int4 (portable)",
     "own-int8 (torch-packed)": "own-int8 (portable)",
 }
-COMPILED = ["fp32", "own-int8", "own-int4", "own-int4 (torch-packed)", "own-int4, int8 head"]
+COMPILED = [
+    "fp32",
+    "fp32 (own fp32 GEMV)",
+    "no matmuls (eager overhead)",
+    "own-int8",
+    "own-int4",
+    "own-int4 (torch-packed)",
+    "own-int4, int8 head",
+]
 COMPILED_SUFFIX = " [compiled loop]"
 LLAMACPP_TYPES = ["F32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"]
 # A quantized head changes the numbers themselves: its tokens and logits are compared with the float head's.
 FLOAT_HEAD_OF = {"own-int8, int8 head": "own-int8", "own-int4, int8 head": "own-int4"}
 
 
-def apply(base: torch.nn.Module, spec: dict) -> torch.nn.Module:
-    choice = method_choice(dict(spec))
+def _zeros_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def skip_linears(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = types.MethodType(_zeros_forward, module)
+
+
+# Applied after the method: the own threaded fp32 GEMV, which the own formats run on the float head they keep, on
+# every linear of fp32, to show what the kernel alone is worth against PyTorch's one-thread sgemv.
+# "no matmuls": every linear returns zeros at once, so what is left is what a step costs outside the linears: the
+# eager floor under every variant, however fast its weights.
+AFTER_APPLY = {"fp32 (own fp32 GEMV)": use_float_gemv, "no matmuls (eager overhead)": skip_linears}
+
+
+def apply(base: torch.nn.Module, label: str) -> torch.nn.Module:
+    choice = method_choice(dict(VARIANTS[label]))
     method = METHODS.get(choice.name)
-    return method.apply(copy.deepcopy(base), choice.config).eval()
+    model = method.apply(copy.deepcopy(base), choice.config).eval()
+    if label in AFTER_APPLY:
+        AFTER_APPLY[label](model)
+    return model
 
 
 def gguf_files(model_dir: Path, tokenizer, file_types: list[str], work: Path) -> dict[str, Path]:
@@ -169,7 +206,7 @@ def main() -> None:
         if unmet:
             unavailable[label] = unmet
             continue
-        variants[label] = apply(base, VARIANTS[label])
+        variants[label] = apply(base, label)
     del base
     bandwidth = measure.measure_bandwidth()
     gen = torch.Generator().manual_seed(0)
@@ -227,7 +264,9 @@ def main() -> None:
             runtime = "compiled static-cache loop" if label in compiled else "transformers eager"
         row = {
             "method": VARIANTS[variant] if model is not None else {"llama.cpp file type": label.split()[-1]},
+            "then": AFTER_APPLY[variant].__name__ if variant in AFTER_APPLY else None,
             "linear_kernels": kernel_summary(model) or None if model is not None else None,
+            "float_linear_kernels": float_kernel_summary(model) or None if model is not None else None,
             "runtime": runtime,
             "weight_bytes": nbytes,
             "decode_ms_per_token": median_ms,

@@ -283,6 +283,9 @@ def test_scores_are_the_portable_paths_in_a_sweep(tmp_path, tiny_llama_dir):
         assert fast.status == portable.status == "ok"
         assert fast.measurements["linear_kernels"].get(INT4_KERNEL)
         assert portable.measurements["linear_kernels"] == {"pytorch": 14}
+        assert "float_linear_kernels" not in portable.measurements  # the head of the portable path: nn.Linear
+        if not avx2_kernels_unavailable():
+            assert fast.measurements["float_linear_kernels"] == {"fp32_avx2": 1}
         for key, values in fast.per_example.items():
             # The same fp32 arithmetic; MKL may round a last bit differently on a differently aligned weight.
             assert np.allclose(values, portable.per_example[key], rtol=1e-6, atol=0), key
@@ -305,3 +308,57 @@ def test_decode_steps_compile_in_one_graph():
         eager = model(x)
         compiled = torch.compile(model, fullgraph=True)(x)
     assert torch.allclose(compiled, eager, rtol=1e-2, atol=1e-3)
+
+
+@needs_avx2_kernel
+@pytest.mark.parametrize("n, k", [(1, 8), (7, 13), (96, 576), (130, 64)])
+def test_fp32_gemv_is_the_float_product(n, k):
+    """Every row (a partial block of four too) and every column (past the last vector of eight too)."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(n, k), torch.randn(1, k)
+    y = torch.ops.quantarena_cpu.fp32_gemv(x, weight)
+    reference = (x.double() @ weight.double().T).float()
+    assert y.shape == (1, n) and torch.allclose(y, reference, rtol=1e-5, atol=1e-5)
+    x[0, k // 2] = float("nan")
+    assert torch.isnan(torch.ops.quantarena_cpu.fp32_gemv(x, weight)).all()
+
+
+@needs_avx2_kernel
+def test_float_layers_take_the_gemv_only_in_one_token_decode_steps():
+    from quantarena.ownquant.cpu import float_kernel_summary, use_float_gemv
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), own_int4(40, 48, 16, bias=False), nn.Linear(40, 24).half())
+    reference = copy.deepcopy(model)
+    assert use_float_gemv(model) == 1  # fp32 only: the own layer and the half one keep their paths
+    assert float_kernel_summary(model) == {"fp32_avx2": 1} and float_kernel_summary(reference) == {}
+    head = model[0]
+
+    def runs_the_gemv(x: torch.Tensor) -> bool:
+        with torch.profiler.profile() as profile:
+            head(x)
+        return any(event.name == "quantarena_cpu::fp32_gemv" for event in profile.events())
+
+    with torch.inference_mode():
+        step = torch.randn(1, 1, 64)
+        assert runs_the_gemv(step) and torch.allclose(head(step), reference[0](step), rtol=1e-5, atol=1e-6)
+        for other in (torch.randn(3, 1, 64), torch.randn(1, 5, 64)):  # batches and prompts: nn.Linear itself
+            assert not runs_the_gemv(other) and torch.equal(head(other), reference[0](other))
+        with numerics.exact():
+            assert not runs_the_gemv(step)
+    x = torch.randn(1, 1, 64, requires_grad=True)
+    head(x).sum().backward()  # autograd: nn.Linear, so gradients flow
+    assert x.grad is not None and head.weight.grad is not None
+
+
+def test_own_models_run_their_float_head_through_the_gemv(tiny_llama_dir, tmp_path):
+    from quantarena.ownquant.cpu import float_kernel_summary
+
+    method = METHODS.get("own-int4")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    fast = method.apply(copy.deepcopy(model), method.config_cls())
+    portable = method.apply(model, method.config_cls(kernel="pytorch"))
+    expected = {} if avx2_kernels_unavailable() else {"fp32_avx2": 1}
+    assert float_kernel_summary(fast) == expected and float_kernel_summary(portable) == {}
+    method.save(fast, tmp_path / "q")
+    assert float_kernel_summary(method.reloader(tmp_path / "q", "cpu")) == expected

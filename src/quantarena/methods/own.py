@@ -36,7 +36,7 @@ from quantarena.ownquant import (
 )
 from quantarena.ownquant.algorithms import INT8_CHANNEL, Algorithm, Grid, calibrated_linear, int4_grid
 from quantarena.ownquant.awq import check_awq, fold_awq
-from quantarena.ownquant.cpu import Int8CpuLinear, use_cpu_kernels
+from quantarena.ownquant.cpu import Int8CpuLinear, use_cpu_kernels, use_float_gemv
 from quantarena.ownquant.fp4 import FORMATS as FP4_FORMATS
 from quantarena.ownquant.fp4 import Fp4WeightLinear
 from quantarena.ownquant.ggml import TYPES as GGUF_TYPES
@@ -113,6 +113,8 @@ def use_kernels(model: nn.Module, kernel: Kernel) -> nn.Module:
     if kernel != "pytorch":
         use_triton_kernels(model)
         use_cpu_kernels(model, own_kernels=kernel == "auto")
+    if kernel == "auto":  # what stays float (the tied head) would otherwise read at one thread's bandwidth
+        use_float_gemv(model)
     return model
 
 

@@ -27,6 +27,7 @@ from quantarena.halfgemm import use_half_gemm
 from quantarena.methods import METHODS, quantize_with_calibration
 from quantarena.methods.base import coverage, linear_layers, nothing_quantized
 from quantarena.ownquant import kernel_summary
+from quantarena.ownquant.cpu import float_kernel_summary
 from quantarena.ownquant.ggml import ggml_summary
 from quantarena.results import CellResult
 from quantarena.sweep.cache import VariantCache
@@ -241,6 +242,9 @@ def run_job(job: Job, progress: Progress) -> Iterator[Event]:
         kernels = kernel_summary(prepared.model)
         if kernels:  # which forward the own formats run: fast kernels, or the portable fallback
             prepared.measurements["linear_kernels"] = kernels
+        float_kernels = float_kernel_summary(prepared.model)
+        if float_kernels:  # the float layers a quantized model keeps (its head), when they run the own GEMV
+            prepared.measurements["float_linear_kernels"] = float_kernels
         gguf_types = ggml_summary(prepared.model)
         if gguf_types:  # the types llama.cpp chose per tensor (a GGUF file type is a mixture)
             prepared.measurements["gguf_tensor_types"] = gguf_types

@@ -1,7 +1,9 @@
 // Batch-1 decode matmuls for the own formats as stored, y (M, N) = x (M, K) @ W.T, on AVX2:
 //   int4_gemv: W[n, k] = q[n, k] * scale[n, g] + min[n, g], g = k / G, q packed two per byte along k (even k in
 //              the low nibble), scales and mins fp16, one per group;
-//   int8_gemv: W[n, k] = q[n, k] * scale[n], q int8, one fp32 scale per row.
+//   int8_gemv: W[n, k] = q[n, k] * scale[n], q int8, one fp32 scale per row;
+//   fp32_gemv: W fp32, for the float layers a quantized model keeps (its output head): MKL multiplies one row of x
+//              by a matrix on one thread (9 GB/s here on SmolLM2's 113 MB head), this on all of them.
 //
 // Why kernels of our own: PyTorch's CPU int4 kernel converts every nibble through bf16 and reaches ~6 GB/s of
 // int4 here (AVX2), a quarter of the memory bandwidth, so a batch-1 decode step is compute-bound; so does a
@@ -44,21 +46,44 @@ struct Activations {  // one row of x, prepared once per call
   std::vector<float> scale, sum;  // per group: x ~= scale * x16; the fp32 sum of x
 };
 
+// Sixteen activations k .. k + 15 rounded to int16 on ``inverse`` (round to nearest even, as nearbyint), in order,
+// or for int4 the eight even k to ``even`` and the eight odd k to ``odd``.
+inline void round16(const float* x, __m256 inverse, int16_t* even, int16_t* odd, bool split) {
+  const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), inverse));
+  const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), inverse));
+  // packs interleaves the 128-bit lanes (a0-3 b0-3 a4-7 b4-7); the permute puts them back in order.
+  __m256i v = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+  if (!split) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(even), v);
+    return;
+  }
+  const __m256i evens_first = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,  //
+                                               0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, evens_first), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(even), _mm256_castsi256_si128(v));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(odd), _mm256_extracti128_si256(v, 1));
+}
+
 Activations prepare(const float* x, int64_t K, int64_t G, bool split) {
   Activations a{std::vector<int16_t>(K), std::vector<float>(K / G), std::vector<float>(K / G)};
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  int16_t *even = a.x16.data(), *odd = a.x16.data() + K / 2;
   for (int64_t g = 0; g < K / G; ++g) {
-    float amax = 0.f, sum = 0.f;
-    for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-      amax = std::max(amax, std::fabs(x[k]));
-      sum += x[k];
+    __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+      const __m256 v = _mm256_loadu_ps(x + k);
+      vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+      vsum = _mm256_add_ps(vsum, v);
     }
-    // A NaN or inf makes the sum non-finite: the group's scale becomes NaN, so every output is NaN as on the
-    // portable path, and no non-finite value is cast to an integer.
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))), sum = hsum(vsum);
+    // A NaN or inf makes the sum non-finite (max_ps may drop a NaN; the sum cannot): the group's scale becomes
+    // NaN, so every output is NaN as on the portable path, whatever integers the group's values convert to.
     const bool finite = std::isfinite(sum);
-    const float inverse = finite && amax > 0.f ? 32767.f / amax : 0.f;
-    for (int64_t k = g * G; k < (g + 1) * G; ++k) {
-      const auto v = finite ? static_cast<int16_t>(std::nearbyint(x[k] * inverse)) : int16_t{0};
-      a.x16[split ? (k % 2) * (K / 2) + k / 2 : k] = v;
+    const __m256 inverse = _mm256_set1_ps(finite && amax > 0.f ? 32767.f / amax : 0.f);
+    for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+      round16(x + k, inverse, split ? even + k / 2 : a.x16.data() + k, odd + k / 2, split);
     }
     a.scale[g] = finite ? amax / 32767.f : std::numeric_limits<float>::quiet_NaN();
     a.sum[g] = sum;
@@ -128,13 +153,42 @@ struct Int8Rows {
   }
 };
 
+struct Fp32Rows {
+  const float* w;
+  int64_t K;
+
+  template <int R>
+  void operator()(const float* x, int64_t n, float* y) const {
+    const float* rows = w + n * K;
+    const int64_t K8 = K - K % 8;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows + r * K + k), xv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      float tail = 0.f;
+      for (int64_t k = K8; k < K; ++k) tail += rows[r * K + k] * x[k];
+      y[r] = hsum(acc[r]) + tail;
+    }
+  }
+};
+
+// What the rows multiply: the integer kernels' activations prepared once per call; fp32 reads x as it is.
+template <typename Rows>
+Activations prepared(const float* x, int64_t K, int64_t G, bool split, const Rows&) {
+  return prepare(x, K, G, split);
+}
+inline const float* prepared(const float* x, int64_t, int64_t, bool, const Fp32Rows&) { return x; }
+
 // Rows in blocks of kRows over the threads, each row of x prepared once.
 template <typename Rows>
 at::Tensor gemv(const at::Tensor& x, int64_t N, int64_t G, bool split, const Rows& rows) {
   const int64_t M = x.size(0), K = x.size(1), blocks = (N + kRows - 1) / kRows;
   auto y = at::empty({M, N}, x.options());
   for (int64_t m = 0; m < M; ++m) {
-    const Activations a = prepare(x.data_ptr<float>() + m * K, K, G, split);
+    const auto a = prepared(x.data_ptr<float>() + m * K, K, G, split, rows);
     float* ym = y.data_ptr<float>() + m * N;
     at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -175,6 +229,13 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(K % 16 == 0 && qweight.size(1) == K && scales.numel() == N, "K a multiple of 16, a scale a row");
   const int64_t G = K % 64 == 0 ? 64 : K % 32 == 0 ? 32 : 16;  // the activations' blocks
   return gemv(x, N, G, false, Int8Rows{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), K, G});
+}
+
+at::Tensor fp32_gemv(const at::Tensor& x, const at::Tensor& weight) {
+  check_x(x);
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                  weight.size(1) == x.size(1), "weight (N, K) float32, contiguous");
+  return gemv(x, weight.size(0), 1, false, Fp32Rows{weight.data_ptr<float>(), x.size(1)});
 }
 
 // The fp32 weights of the own formats, written into ``out`` (prompts and scoring multiply them in fp32): the same
@@ -232,6 +293,7 @@ void int8_dequantize(const at::Tensor& qweight, const at::Tensor& scales, at::Te
 TORCH_LIBRARY(quantarena_cpu, m) {
   m.def("int4_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group_size) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("fp32_gemv(Tensor x, Tensor weight) -> Tensor");
   m.def("int4_dequantize(Tensor qweight, Tensor scales, Tensor mins, int group_size, Tensor(a!) out) -> ()");
   m.def("int8_dequantize(Tensor qweight, Tensor scales, Tensor(a!) out) -> ()");
 }
@@ -239,6 +301,7 @@ TORCH_LIBRARY(quantarena_cpu, m) {
 TORCH_LIBRARY_IMPL(quantarena_cpu, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int8_gemv", &int8_gemv);
+  m.impl("fp32_gemv", &fp32_gemv);
   m.impl("int4_dequantize", &int4_dequantize);
   m.impl("int8_dequantize", &int8_dequantize);
 }
