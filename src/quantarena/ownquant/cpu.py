@@ -155,9 +155,7 @@ def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: 
 
 
 def _as_linear(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """A kernel's (M, N) output for x (..., K) in x's dtype: bias added, leading dims back."""
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
+    """A kernel's (M, N) output for x (..., K): bias added, leading dims back."""
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.view(*x.shape[:-1], out_features)
@@ -185,15 +183,15 @@ def avx2_kernels_unavailable() -> str | None:
 
     @torch.library.register_fake("quantarena_cpu::int4_gemv")
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int):
-        return x.new_empty(x.shape[0], qweight.shape[0])
+        return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @torch.library.register_fake("quantarena_cpu::int8_gemv")
     def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor):
-        return x.new_empty(x.shape[0], qweight.shape[0])
+        return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @torch.library.register_fake("quantarena_cpu::fp32_gemv")
     def _(x: torch.Tensor, weight: torch.Tensor):
-        return x.new_empty(x.shape[0], weight.shape[0])
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
     @torch.library.register_fake("quantarena_cpu::int4_dequantize")
     def _(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int, out: torch.Tensor):
@@ -255,21 +253,18 @@ def _avx2_forward(self: WeightOnlyLinear, x: torch.Tensor) -> torch.Tensor:
         return _dequantized_forward(self, x)
     # The tensors straight from the module's dicts: nn.Module.__getattr__ costs ~2 us a tensor on a slow core,
     # a millisecond a token over SmolLM2's 210 layers.
-    tensors, bias = self._buffers, self._parameters.get("bias")
-    a = _float32_rows(x)
+    tensors = self._buffers
     if self.kernel == "int4_avx2":
         y = torch.ops.quantarena_cpu.int4_gemv(
-            a, tensors["qweight"], tensors["scales"], tensors["mins"], self.group_size
+            x, tensors["qweight"], tensors["scales"], tensors["mins"], self.group_size
         )
     else:
-        y = torch.ops.quantarena_cpu.int8_gemv(a, tensors["qweight"], tensors["scales"])
-    return _as_linear(x, y, bias, self.out_features)
+        y = torch.ops.quantarena_cpu.int8_gemv(x, tensors["qweight"], tensors["scales"])
+    return _plus_bias(y, self._parameters.get("bias"))
 
 
-def _float32_rows(x: torch.Tensor) -> torch.Tensor:
-    """x (..., K) as the kernels' contiguous fp32 (M, K)."""
-    a = x.reshape(-1, x.shape[-1])
-    return (a if a.dtype == torch.float32 else a.float()).contiguous()
+def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 FLOAT_GEMV_KERNEL = "fp32_avx2"
@@ -279,8 +274,8 @@ def _float_gemv_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     one_token = decode_step(x) and x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
     if not one_token or torch.is_grad_enabled():
         return nn.Linear.forward(self, x)
-    y = torch.ops.quantarena_cpu.fp32_gemv(_float32_rows(x), self._parameters["weight"])
-    return _as_linear(x, y, self._parameters.get("bias"), self.out_features)
+    y = torch.ops.quantarena_cpu.fp32_gemv(x, self._parameters["weight"])
+    return _plus_bias(y, self._parameters.get("bias"))
 
 
 def use_float_gemv(model: nn.Module) -> int:

@@ -1,4 +1,4 @@
-// Batch-1 decode matmuls for the own formats as stored, y (M, N) = x (M, K) @ W.T, on AVX2:
+// Batch-1 decode matmuls for the own formats as stored, y (..., N) = x (..., K) @ W.T, on AVX2:
 //   int4_gemv: W[n, k] = q[n, k] * scale[n, g] + min[n, g], g = k / G, q packed two per byte along k (even k in
 //              the low nibble), scales and mins fp16, one per group;
 //   int8_gemv: W[n, k] = q[n, k] * scale[n], q int8, one fp32 scale per row;
@@ -182,11 +182,16 @@ Activations prepared(const float* x, int64_t K, int64_t G, bool split, const Row
 }
 inline const float* prepared(const float* x, int64_t, int64_t, bool, const Fp32Rows&) { return x; }
 
-// Rows in blocks of kRows over the threads, each row of x prepared once.
+// Rows in blocks of kRows over the threads, each row of x prepared once. x (..., K) in any float dtype, y (..., N)
+// in x's: the reshapes and casts are done here, where they cost nothing, rather than as a decode step's 210 x 3
+// dispatched Python calls.
 template <typename Rows>
-at::Tensor gemv(const at::Tensor& x, int64_t N, int64_t G, bool split, const Rows& rows) {
-  const int64_t M = x.size(0), K = x.size(1), blocks = (N + kRows - 1) / kRows;
-  auto y = at::empty({M, N}, x.options());
+at::Tensor gemv(const at::Tensor& input, int64_t N, int64_t G, bool split, const Rows& rows) {
+  const at::Tensor x = input.to(at::kFloat).contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / K, blocks = (N + kRows - 1) / kRows;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty(sizes, x.options());
   for (int64_t m = 0; m < M; ++m) {
     const auto a = prepared(x.data_ptr<float>() + m * K, K, G, split, rows);
     float* ym = y.data_ptr<float>() + m * N;
@@ -201,11 +206,11 @@ at::Tensor gemv(const at::Tensor& x, int64_t N, int64_t G, bool split, const Row
       }
     });
   }
-  return y;
+  return y.to(input.scalar_type());
 }
 
 void check_x(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (M, K) float32");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0 && at::isFloatingType(x.scalar_type()), "x must be (..., K) floats");
 }
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -214,7 +219,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(qweight.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf &&
                   mins.scalar_type() == at::kHalf, "qweight uint8, scales and mins float16");
   TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && mins.is_contiguous(), "contiguous tensors");
-  const int64_t K = x.size(1), N = qweight.size(0), G = group_size;
+  const int64_t K = x.size(-1), N = qweight.size(0), G = group_size;
   TORCH_CHECK(G % 32 == 0 && K % G == 0 && qweight.size(1) == K / 2, "K a multiple of the group, the group of 32");
   TORCH_CHECK(scales.numel() == N * (K / G) && mins.numel() == N * (K / G), "one scale and min per row and group");
   return gemv(x, N, G, true, Int4Rows{qweight.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
@@ -225,7 +230,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   check_x(x);
   TORCH_CHECK(qweight.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat, "qweight int8, scales fp32");
   TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous(), "contiguous tensors");
-  const int64_t K = x.size(1), N = qweight.size(0);
+  const int64_t K = x.size(-1), N = qweight.size(0);
   TORCH_CHECK(K % 16 == 0 && qweight.size(1) == K && scales.numel() == N, "K a multiple of 16, a scale a row");
   const int64_t G = K % 64 == 0 ? 64 : K % 32 == 0 ? 32 : 16;  // the activations' blocks
   return gemv(x, N, G, false, Int8Rows{qweight.data_ptr<int8_t>(), scales.data_ptr<float>(), K, G});
@@ -234,8 +239,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 at::Tensor fp32_gemv(const at::Tensor& x, const at::Tensor& weight) {
   check_x(x);
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
-                  weight.size(1) == x.size(1), "weight (N, K) float32, contiguous");
-  return gemv(x, weight.size(0), 1, false, Fp32Rows{weight.data_ptr<float>(), x.size(1)});
+                  weight.size(1) == x.size(-1), "weight (N, K) float32, contiguous");
+  return gemv(x, weight.size(0), 1, false, Fp32Rows{weight.data_ptr<float>(), x.size(-1)});
 }
 
 // The fp32 weights of the own formats, written into ``out`` (prompts and scoring multiply them in fp32): the same
