@@ -287,12 +287,14 @@ def use_float_gemv(model: nn.Module) -> int:
     autograd) the layer is ``nn.Linear`` as before. The layers are marked ``kernel = "fp32_avx2"``
     (``float_kernel_summary``). Returns how many layers now run it (0 where the own kernels cannot run).
     """
+    if avx2_kernels_unavailable() is not None:
+        return 0
     count = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if type(module) is not nn.Linear or weight.dtype != torch.float32 or weight.device.type != "cpu":
             continue
-        if not weight.is_contiguous() or avx2_kernels_unavailable() is not None:
+        if not weight.is_contiguous():
             continue
         module.forward = types.MethodType(_float_gemv_forward, module)
         module.kernel = FLOAT_GEMV_KERNEL
